@@ -5,7 +5,30 @@ Flag names follow the official DETA / Deformable-DETR `main.py`, so existing com
 `torchrun --nproc_per_node=N main.py ...` for data-parallel training.
 """
 import argparse
+import datetime
+import json
+import logging
 import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
+from torch.utils.tensorboard import SummaryWriter
+
+from datasets import build_dataset, collate_fn, resolve_num_classes
+from deta import build_model
+from deta.checkpoint import load_model_weights, read_checkpoint
+from deta.errors import InputError
+from engine import NonFiniteLossError, evaluate, train_one_epoch
+from training.checkpointing import rng_state, save_checkpoint, seed_everything, set_rng_state
+from training.distributed import all_gather_object, cleanup_distributed, get_rank, get_world_size, init_distributed
+from training.optim import build_optimizer
+
+log = logging.getLogger("main")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -53,6 +76,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                        help="size of the class head; default: largest category id + 1 of the training "
                             "annotations when training, else 91 (COCO category ids)")
 
+    model.add_argument("--official_batching", action="store_true",
+                       help="pad the batch before the backbone and let padded tokens become proposals, as the "
+                            "official code does; outputs then depend on the other images in the batch")
+
     loss = parser.add_argument_group("assignment and loss")
     loss.add_argument("--no_aux_loss", dest="aux_loss", action="store_false",
                       help="disable the per-decoder-layer and encoder losses")
@@ -96,3 +123,148 @@ def get_args_parser() -> argparse.ArgumentParser:
     run.add_argument("--eval", action="store_true", help="evaluate only")
     run.add_argument("--print_freq", default=10, type=int, help="iterations between progress lines")
     return parser
+
+
+def main(args: argparse.Namespace) -> None:
+    """Train with evaluation after every epoch, or only evaluate with --eval.
+
+    Bad input ends the process with `error: <message>` and status 2, a non-finite loss with status 1.
+    """
+    try:
+        _run(args)
+    except InputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except NonFiniteLossError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
+    finally:
+        cleanup_distributed()
+
+
+def _run(args: argparse.Namespace) -> None:
+    if args.resume and args.finetune:
+        raise InputError("--resume and --finetune exclude each other: --resume continues a run (weights, "
+                         "optimizer, schedule, epoch), --finetune starts a new run from weights only; pass one")
+    device = init_distributed(args.device)
+    rank, world_size = get_rank(), get_world_size()
+    logging.basicConfig(format="%(message)s", level=logging.INFO if rank == 0 else logging.WARNING,
+                        stream=sys.stdout, force=True)
+    if args.amp and not (device.type == "cpu" or (device.type == "cuda" and torch.cuda.is_bf16_supported())):
+        raise InputError(f"--amp: {device} has no bf16 support; drop --amp")
+    seed_everything(args.seed + rank)
+    log.info(f"{world_size} process(es) on {device}; {args}")
+
+    checkpoint = read_checkpoint(args.resume or args.finetune) if args.resume or args.finetune else None
+    if args.num_classes is None:
+        args.num_classes = _checkpoint_num_classes(checkpoint) if args.resume else resolve_num_classes(args)
+    model, criterion, postprocessors = build_model(args)
+    model.to(device)
+    criterion.to(device)
+    if checkpoint is not None:
+        load_model_weights(model, checkpoint["model"], finetune=bool(args.finetune))
+    log.info(f"trainable parameters: {sum(p.numel() for p in model.parameters() if p.requires_grad)}")
+
+    output_dir = Path(args.output_dir) if args.output_dir else None
+    if output_dir is not None:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    dataset_val = build_dataset("val", args)
+    loader_val = DataLoader(dataset_val, args.batch_size, collate_fn=collate_fn, num_workers=args.num_workers,
+                            sampler=DistributedSampler(dataset_val, world_size, rank, shuffle=False),
+                            pin_memory=device.type == "cuda",
+                            # its own generator: evaluating must not advance the training RNG (exact resume)
+                            generator=torch.Generator().manual_seed(args.seed))
+
+    def run_evaluation() -> dict[str, float]:
+        return evaluate(model, postprocessors, loader_val, dataset_val.coco, device, amp=args.amp,
+                        print_freq=args.print_freq, output_dir=output_dir)
+
+    if args.eval:
+        run_evaluation()
+        return
+
+    dataset_train = build_dataset("train", args)
+    # The shuffle depends only on (seed, epoch), on one process as on many.
+    sampler_train = DistributedSampler(dataset_train, world_size, rank, shuffle=True, seed=args.seed)
+    loader_train = DataLoader(dataset_train, batch_sampler=BatchSampler(sampler_train, args.batch_size, drop_last=True),
+                              collate_fn=collate_fn, num_workers=args.num_workers, pin_memory=device.type == "cuda")
+    if len(loader_train) == 0:
+        raise InputError(f"--batch_size {args.batch_size}: the {len(dataset_train)} training images give "
+                         f"{world_size} process(es) less than one batch each; lower --batch_size")
+    optimizer = build_optimizer(model, args)
+    lr_scheduler = torch.optim.lr_scheduler.StepLR(optimizer, args.lr_drop)
+    train_model = model
+    if world_size > 1:
+        train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    writer = SummaryWriter(output_dir) if output_dir is not None and rank == 0 else None
+    if args.resume:
+        _restore_training_state(checkpoint, optimizer, lr_scheduler, args, device)
+
+    log.info(f"training epochs {args.start_epoch}..{args.epochs - 1}")
+    start = time.time()
+    for epoch in range(args.start_epoch, args.epochs):
+        sampler_train.set_epoch(epoch)
+        train_stats = train_one_epoch(train_model, criterion, loader_train, optimizer, device, epoch,
+                                      max_norm=args.clip_max_norm, amp=args.amp, print_freq=args.print_freq,
+                                      writer=writer)
+        lr_scheduler.step()
+        if output_dir is not None:
+            rng_states = all_gather_object(rng_state(device))  # every process's, for an exact resume
+            if rank == 0:
+                save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                 "lr_scheduler": lr_scheduler.state_dict(), "epoch": epoch, "args": vars(args),
+                                 "rng_states": rng_states}, output_dir, epoch, args.lr_drop)
+        test_stats = run_evaluation()
+        if writer is not None:
+            _log_epoch(output_dir, writer, epoch, train_stats, test_stats)
+    log.info(f"training time {datetime.timedelta(seconds=round(time.time() - start))}")
+    if writer is not None:
+        writer.close()
+
+
+def _checkpoint_num_classes(checkpoint: dict[str, Any]) -> int:
+    """Class-head size of a checkpoint (all our and official heads are `class_embed.N`)."""
+    head = checkpoint["model"].get("class_embed.0.bias")
+    if head is None:
+        raise InputError("--resume: the checkpoint has no class_embed.0.bias to size the class head; "
+                         "pass --num_classes")
+    return head.shape[0]
+
+
+def _restore_training_state(checkpoint: dict[str, Any], optimizer: torch.optim.Optimizer,
+                            lr_scheduler: torch.optim.lr_scheduler.LRScheduler, args: argparse.Namespace,
+                            device: torch.device) -> None:
+    """Optimizer, schedule, epoch and RNG of --resume, so the run continues as if never stopped."""
+    missing = [key for key in ("optimizer", "lr_scheduler", "epoch") if key not in checkpoint]
+    if missing:
+        raise InputError(f"--resume {args.resume}: no {', '.join(missing)} in the checkpoint; to start a new "
+                         "run from its weights pass it as --finetune")
+    try:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+    except ValueError as err:
+        raise InputError(f"--resume {args.resume}: its optimizer state does not fit this model ({err}); "
+                         "check the model flags, or pass it as --finetune") from err
+    lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
+    args.start_epoch = checkpoint["epoch"] + 1
+    rng_states = checkpoint.get("rng_states") or []
+    if len(rng_states) == get_world_size():
+        set_rng_state(rng_states[get_rank()], device)
+    else:
+        log.warning(f"--resume: the checkpoint has RNG states of {len(rng_states)} process(es), not "
+                    f"{get_world_size()}; augmentation and sampling continue from fresh seeds")
+
+
+def _log_epoch(output_dir: Path, writer: SummaryWriter, epoch: int, train_stats: dict[str, float],
+               test_stats: dict[str, float]) -> None:
+    """One JSON line per epoch in log.txt, and the test metrics to TensorBoard."""
+    stats = {"epoch": epoch, **{f"train_{k}": v for k, v in train_stats.items()},
+             **{f"test_{k}": v for k, v in test_stats.items()}}
+    with (output_dir / "log.txt").open("a") as f:
+        f.write(json.dumps(stats) + "\n")
+    for name, value in test_stats.items():
+        writer.add_scalar(f"test/{name}", value, epoch)
+    writer.flush()
+
+
+if __name__ == "__main__":
+    main(argparse.ArgumentParser("DETA training and evaluation", parents=[get_args_parser()]).parse_args())
