@@ -21,7 +21,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from datasets import build_dataset, collate_fn, resolve_num_classes
 from deta import build_model
-from deta.checkpoint import load_model_weights, read_checkpoint
+from deta.checkpoint import load_checkpoint, load_model_weights
 from deta.errors import InputError
 from engine import NonFiniteLossError, evaluate, train_one_epoch
 from training.checkpointing import rng_state, save_checkpoint, seed_everything, set_rng_state
@@ -155,7 +155,7 @@ def _run(args: argparse.Namespace) -> None:
     seed_everything(args.seed + rank)
     log.info(f"{world_size} process(es) on {device}; {args}")
 
-    checkpoint = read_checkpoint(args.resume or args.finetune) if args.resume or args.finetune else None
+    checkpoint = load_checkpoint(args.resume or args.finetune) if args.resume or args.finetune else None
     if args.num_classes is None:
         args.num_classes = _checkpoint_num_classes(checkpoint) if args.resume else resolve_num_classes(args)
     model, criterion, postprocessors = build_model(args)
@@ -171,13 +171,16 @@ def _run(args: argparse.Namespace) -> None:
     dataset_val = build_dataset("val", args)
     loader_val = DataLoader(dataset_val, args.batch_size, collate_fn=collate_fn, num_workers=args.num_workers,
                             sampler=DistributedSampler(dataset_val, world_size, rank, shuffle=False),
-                            pin_memory=device.type == "cuda",
-                            # its own generator: evaluating must not advance the training RNG (exact resume)
-                            generator=torch.Generator().manual_seed(args.seed))
+                            pin_memory=device.type == "cuda")
 
     def run_evaluation() -> dict[str, float]:
-        return evaluate(model, postprocessors, loader_val, dataset_val.coco, device, amp=args.amp,
-                        print_freq=args.print_freq, output_dir=output_dir)
+        # Evaluating leaves the random generators as it found them: training then does not depend on the
+        # validation set, and a resumed run (which does not re-evaluate) continues exactly.
+        state = rng_state(device)
+        stats = evaluate(model, postprocessors, loader_val, dataset_val.coco, device, amp=args.amp,
+                         print_freq=args.print_freq, output_dir=output_dir)
+        set_rng_state(state, device)
+        return stats
 
     if args.eval:
         run_evaluation()

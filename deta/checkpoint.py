@@ -7,6 +7,7 @@ the top-level `class_embed.*` / `bbox_embed.*`) and minus profiling leftovers (`
 """
 import argparse
 import os
+import re
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -76,7 +77,9 @@ def load_checkpoint(path: str | os.PathLike, source_format: str = "auto") -> dic
         try:
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as error:
-            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            unsupported = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+            reason = (f"it pickles {unsupported.group(1)}, which is not loaded for safety; re-save its tensors"
+                      if unsupported else "corrupt, truncated, or not written by torch.save")
             raise InputError(f"checkpoint {path}: cannot be read as a PyTorch checkpoint ({reason})") from error
     if not isinstance(checkpoint, dict):
         raise InputError(f"checkpoint {path}: expected a dict with a 'model' entry, got {type(checkpoint).__name__}")

@@ -102,11 +102,10 @@ def pad_images(tensors: list[Tensor]) -> tuple[Tensor, Tensor]:
     """Zero-pad C×H×W tensors at the bottom and right to a common size; mask is True on padding."""
     height = max(t.shape[-2] for t in tensors)
     width = max(t.shape[-1] for t in tensors)
-    batch = tensors[0].new_zeros((len(tensors), tensors[0].shape[0], height, width))
+    batch = torch.stack([F.pad(t, (0, width - t.shape[-1], 0, height - t.shape[-2])) for t in tensors])
     mask = torch.ones((len(tensors), height, width), dtype=torch.bool, device=tensors[0].device)
-    for padded, padding, tensor in zip(batch, mask, tensors, strict=True):
-        padded[:, :tensor.shape[-2], :tensor.shape[-1]].copy_(tensor)
-        padding[:tensor.shape[-2], :tensor.shape[-1]] = False
+    for index, tensor in enumerate(tensors):
+        mask[index, :tensor.shape[-2], :tensor.shape[-1]] = False
     return batch, mask
 
 

@@ -1,0 +1,63 @@
+"""--pretrained_backbone: torchvision's cache, a local file, or nothing, without network in tests."""
+import pytest
+import torch
+import torchvision
+
+from deta.backbone import FrozenBatchNorm2d, ResNetBackbone, load_pretrained_backbone
+from deta.errors import InputError
+
+
+def _resnet18_weights() -> dict:
+    torch.manual_seed(3)
+    return torchvision.models.resnet18().state_dict()
+
+
+def test_default_reads_torchvisions_cache(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    weights = _resnet18_weights()
+    url = torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url
+    (tmp_path / "checkpoints").mkdir()
+    torch.save(weights, tmp_path / "checkpoints" / url.rsplit("/", 1)[1])
+    backbone = ResNetBackbone("resnet18", train_backbone=True, multi_scale=True, dilation=False)
+    load_pretrained_backbone(backbone, "resnet18", "default")
+    torch.testing.assert_close(backbone.body.layer3[0].conv1.weight, weights["layer3.0.conv1.weight"])
+    torch.testing.assert_close(backbone.body.bn1.running_var, weights["bn1.running_var"])
+
+
+def test_default_without_cache_or_network_names_the_alternatives(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    monkeypatch.setattr(torch.hub, "download_url_to_file",
+                        lambda *a, **k: (_ for _ in ()).throw(OSError("network unreachable")))
+    backbone = ResNetBackbone("resnet18", train_backbone=True, multi_scale=True, dilation=False)
+    with pytest.raises(InputError, match="--pretrained_backbone none or a local file path") as error:
+        load_pretrained_backbone(backbone, "resnet18", "default")
+    assert "\n" not in str(error.value)
+
+
+def test_path_loads_a_local_file_and_rejects_other_weights(tmp_path):
+    weights = _resnet18_weights()
+    torch.save(weights, tmp_path / "r18.pth")
+    backbone = ResNetBackbone("resnet18", train_backbone=True, multi_scale=True, dilation=False)
+    load_pretrained_backbone(backbone, "resnet18", str(tmp_path / "r18.pth"))
+    torch.testing.assert_close(backbone.body.layer4[1].conv2.weight, weights["layer4.1.conv2.weight"])
+    resnet50 = ResNetBackbone("resnet50", train_backbone=True, multi_scale=True, dilation=False)
+    with pytest.raises(InputError, match="not resnet50 weights"):
+        load_pretrained_backbone(resnet50, "resnet50", str(tmp_path / "r18.pth"))
+    with pytest.raises(InputError, match="no such file"):
+        load_pretrained_backbone(backbone, "resnet18", str(tmp_path / "missing.pth"))
+
+
+def test_unknown_backbone_is_a_clear_error():
+    with pytest.raises(InputError, match="--backbone resnet42"):
+        ResNetBackbone("resnet42", train_backbone=True, multi_scale=True, dilation=False)
+
+
+def test_frozen_batchnorm_matches_batchnorm_in_eval_and_drops_num_batches_tracked():
+    torch.manual_seed(0)
+    reference = torch.nn.BatchNorm2d(4).eval()
+    reference.running_mean.normal_()
+    reference.running_var.uniform_(0.5, 2)
+    frozen = FrozenBatchNorm2d(4)
+    frozen.load_state_dict(reference.state_dict())
+    x = torch.randn(2, 4, 3, 3)
+    torch.testing.assert_close(frozen(x), reference(x))

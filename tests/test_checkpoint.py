@@ -1,0 +1,112 @@
+"""Reading, checking and writing checkpoints: clear errors and nothing half-written."""
+import argparse
+import datetime
+
+import pytest
+import torch
+
+import deta
+from deta.checkpoint import (
+    detect_format,
+    from_official,
+    load_checkpoint,
+    load_model_weights,
+    save_atomically,
+    to_official,
+)
+from deta.errors import InputError
+from main import get_args_parser
+
+FLAGS = ["--backbone", "resnet18", "--pretrained_backbone", "none", "--enc_layers", "1", "--dec_layers", "1",
+         "--hidden_dim", "64", "--nheads", "2", "--dim_feedforward", "64", "--num_queries", "10",
+         "--num_feature_levels", "2", "--two_stage", "--with_box_refine", "--device", "cpu"]
+
+
+def _model(*extra: str):
+    return deta.build_model(get_args_parser().parse_args([*FLAGS, *extra]))[0]
+
+
+def test_official_state_dict_is_detected_and_its_head_copies_dropped():
+    state = _model().state_dict()
+    official = to_official(state, two_stage=True, with_box_refine=True)
+    official["transformer.total_ops"] = torch.zeros(1)
+    assert detect_format(official) == "official" and detect_format(state) == "deta"
+    assert from_official(official).keys() == state.keys()
+
+
+def test_inconsistent_official_head_copy_is_rejected():
+    official = to_official(_model().state_dict(), two_stage=True, with_box_refine=True)
+    official["transformer.decoder.class_embed.0.bias"] = official["class_embed.0.bias"] + 1
+    with pytest.raises(InputError, match="class_embed.0.bias differs"):
+        from_official(official)
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    (b"not a checkpoint at all", "corrupt, truncated"),
+    (None, "no such file"),
+])
+def test_unreadable_checkpoints_give_one_line_errors(tmp_path, content, message):
+    path = tmp_path / "checkpoint.pth"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(InputError, match=message) as error:
+        load_checkpoint(path)
+    assert str(path) in str(error.value) and "\n" not in str(error.value)
+
+
+def test_truncated_and_foreign_checkpoints_are_rejected(tmp_path):
+    good = tmp_path / "good.pth"
+    torch.save({"model": _model().state_dict()}, good)
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes(good.read_bytes()[:5000])
+    with pytest.raises(InputError, match="truncated"):
+        load_checkpoint(truncated)
+    foreign = tmp_path / "foreign.pth"
+    torch.save({"model": {"fc.weight": torch.zeros(3)}}, foreign)
+    with pytest.raises(InputError, match="not a DETA state dict"):
+        load_checkpoint(foreign)
+    arbitrary = tmp_path / "arbitrary.pth"
+    torch.save({"model": {"x": datetime.date(2020, 1, 1)}}, arbitrary)
+    with pytest.raises(InputError, match="pickles datetime.date, which is not loaded for safety"):
+        load_checkpoint(arbitrary)
+
+
+def test_checkpoint_with_saved_namespace_loads_without_unsafe_unpickling(tmp_path):
+    path = tmp_path / "c.pth"
+    torch.save({"model": _model().state_dict(), "args": argparse.Namespace(lr=1.0), "epoch": 3}, path)
+    checkpoint = load_checkpoint(path)
+    assert checkpoint["epoch"] == 3 and checkpoint["args"].lr == 1.0
+
+
+def test_mismatched_weights_are_listed_by_name():
+    small = _model("--num_classes", "5").state_dict()
+    with pytest.raises(InputError, match=r"shape of class_embed\.0\.weight: checkpoint \(5, 64\), model \(91, 64\)"):
+        load_model_weights(_model(), small)
+    del small["transformer.level_embed"]
+    with pytest.raises(InputError, match="missing transformer.level_embed"):
+        load_model_weights(_model("--num_classes", "5"), small)
+
+
+def test_finetune_keeps_fresh_class_heads_of_another_size():
+    source = _model("--num_classes", "5")
+    target = _model()
+    fresh_head = target.class_embed[0].weight.detach().clone()
+    skipped = load_model_weights(target, source.state_dict(), finetune=True)
+    assert sorted(skipped) == sorted(k for k in source.state_dict() if k.startswith("class_embed."))
+    assert torch.equal(target.class_embed[0].weight, fresh_head)
+    assert torch.equal(target.transformer.level_embed, source.transformer.level_embed)
+
+
+def test_atomic_save_leaves_the_previous_file_intact_on_failure(tmp_path):
+    path = tmp_path / "checkpoint.pth"
+    save_atomically({"epoch": 1}, path)
+    before = path.read_bytes()
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        save_atomically({"epoch": 2, "bad": Unpicklable()}, path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pth"]
