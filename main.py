@@ -198,7 +198,9 @@ def _run(args: argparse.Namespace) -> None:
     lr_scheduler = torch.optim.lr_scheduler.StepLR(optimizer, args.lr_drop)
     train_model = model
     if world_size > 1:
-        train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        # Without aux losses the intermediate class heads get no gradient, which DDP must be told.
+        train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                              find_unused_parameters=not args.aux_loss)
     writer = SummaryWriter(output_dir) if output_dir is not None and rank == 0 else None
     if args.resume:
         _restore_training_state(checkpoint, optimizer, lr_scheduler, args, device)
@@ -244,9 +246,16 @@ def _restore_training_state(checkpoint: dict[str, Any], optimizer: torch.optim.O
                          "run from its weights pass it as --finetune")
     try:
         optimizer.load_state_dict(checkpoint["optimizer"])
-    except ValueError as err:
+    except ValueError as err:  # torch compares group sizes only
         raise InputError(f"--resume {args.resume}: its optimizer state does not fit this model ({err}); "
                          "check the model flags, or pass it as --finetune") from err
+    # Equal group sizes with another parameter order (e.g. another code base's) would fail at the first step.
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            if any(v.dim() > 0 and v.shape != param.shape for v in optimizer.state.get(param, {}).values()
+                   if isinstance(v, torch.Tensor)):
+                raise InputError(f"--resume {args.resume}: its optimizer state is ordered for another model; "
+                                 "pass it as --finetune to start a new run from its weights")
     lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
     args.start_epoch = checkpoint["epoch"] + 1
     rng_states = checkpoint.get("rng_states") or []

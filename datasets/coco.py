@@ -1,5 +1,7 @@
 """COCO-format detection data set (pycocotools annotations, one folder of images)."""
+import contextlib
 import functools
+import io
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -48,7 +50,8 @@ def _load_coco(path: Path, mtime_ns: int) -> COCO:
     _check_coco_format(data, path)
     coco = COCO()
     coco.dataset = data
-    coco.createIndex()
+    with contextlib.redirect_stdout(io.StringIO()):  # createIndex prints its progress
+        coco.createIndex()
     return coco
 
 

@@ -134,6 +134,10 @@ def save_atomically(obj: object, path: str | os.PathLike) -> None:
             torch.save(obj, file)
             file.flush()
             os.fsync(file.fileno())
+        # mkstemp creates the file private to its owner; give it the permissions of a plain open().
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)

@@ -1,0 +1,119 @@
+"""One training epoch, and one COCO evaluation pass."""
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from pycocotools.coco import COCO
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+from torch.utils.tensorboard import SummaryWriter
+
+from training.coco_eval import coco_box_stats, coco_detections, gather_detections
+from training.distributed import is_main_process, reduce_mean
+from training.progress import Progress
+
+log = logging.getLogger(__name__)
+
+# On the progress line: the final decoder layer's terms. All terms go to log.txt and TensorBoard.
+SHOWN = ("loss", "loss_ce", "loss_bbox", "loss_giou", "grad_norm", "lr")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: DataLoader,
+                    optimizer: torch.optim.Optimizer, device: torch.device, epoch: int, *,
+                    max_norm: float = 0.0, amp: bool = False, print_freq: int = 10,
+                    writer: SummaryWriter | None = None) -> dict[str, float]:
+    """Train for one pass over `data_loader`; returns the epoch means of the weighted losses, lr and grad norm.
+
+    Raises NonFiniteLossError (on every process alike) before stepping on a NaN/inf loss.
+    """
+    model.train()
+    criterion.train()
+    progress = Progress(f"Epoch [{epoch}]", print_freq, SHOWN)
+    for it, (images, targets) in enumerate(progress.track(data_loader)):
+        images, targets = _to_device(images, targets, device)
+        with _autocast(device, amp):
+            outputs = model(images)
+        loss_dict = criterion(_to_float(outputs), targets)
+        weighted = {k: v * criterion.weight_dict[k] for k, v in loss_dict.items() if k in criterion.weight_dict}
+        loss = sum(weighted.values())
+
+        logged = reduce_mean(weighted)  # the same numbers on every process, so all of them stop together
+        total = sum(logged.values())
+        if not math.isfinite(total):
+            bad = ", ".join(f"{k}={v}" for k, v in logged.items() if not math.isfinite(v))
+            raise NonFiniteLossError(f"loss is {total} at epoch {epoch}, iteration {it}/{len(data_loader)} "
+                                     f"({bad or 'every term finite, their sum overflowed'}); stopped without "
+                                     "saving this epoch, the last checkpoint is intact")
+
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = nn.utils.clip_grad_norm_(model.parameters(), max_norm if max_norm > 0 else math.inf)
+        optimizer.step()
+
+        values = {"loss": total, **logged, "grad_norm": grad_norm.item(), "lr": optimizer.param_groups[0]["lr"]}
+        progress.update(**values)
+        if writer is not None and it % print_freq == 0:
+            step = epoch * len(data_loader) + it
+            for name, value in values.items():
+                writer.add_scalar(f"train/{name}", value, step)
+    return progress.averages()
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, postprocessors: dict[str, nn.Module], data_loader: DataLoader, coco_gt: COCO,
+             device: torch.device, *, amp: bool = False, print_freq: int = 10,
+             output_dir: Path | None = None) -> dict[str, float]:
+    """COCO box metrics of `model` on `data_loader`, whose sampler shards the images over the processes.
+
+    Every process must call this; the main one scores the gathered detections, writes them with the
+    metrics to `output_dir` (coco_results.json, coco_stats.json) and returns the metrics, the others {}.
+    """
+    model.eval()
+    local: dict[int, list[dict]] = {}
+    for images, targets in Progress("Test", print_freq).track(data_loader):
+        images, targets = _to_device(images, targets, device)
+        with _autocast(device, amp):
+            outputs = model(images)
+        orig_sizes = torch.stack([t["orig_size"] for t in targets])
+        results = postprocessors["bbox"](_to_float(outputs), orig_sizes)
+        for target, result in zip(targets, results, strict=True):
+            image_id = int(target["image_id"])
+            local[image_id] = coco_detections(image_id, result)
+    detections = gather_detections(local)
+    if not is_main_process():
+        return {}
+    stats = coco_box_stats(coco_gt, detections)
+    if output_dir is not None:
+        (output_dir / "coco_results.json").write_text(json.dumps(detections))
+        (output_dir / "coco_stats.json").write_text(json.dumps(stats, indent=1))
+    return stats
+
+
+def _to_device(images: list[Tensor], targets: list[dict[str, Any]],
+               device: torch.device) -> tuple[list[Tensor], list[dict[str, Any]]]:
+    images = [image.to(device, non_blocking=True) for image in images]
+    targets = [{k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in t.items()}
+               for t in targets]
+    return images, targets
+
+
+def _autocast(device: torch.device, amp: bool) -> torch.autocast:
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp)
+
+
+def _to_float(outputs: Any) -> Any:
+    """bf16 outputs of autocast back to fp32: assignment IoUs, losses and NMS need the precision."""
+    if isinstance(outputs, Tensor):
+        return outputs.float() if outputs.is_floating_point() else outputs
+    if isinstance(outputs, dict):
+        return {k: _to_float(v) for k, v in outputs.items()}
+    if isinstance(outputs, list | tuple):
+        return type(outputs)(_to_float(v) for v in outputs)
+    return outputs

@@ -1,0 +1,220 @@
+"""main.py end to end: training, checkpoints and resume, torchrun, evaluation of checkpoints, errors."""
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import main as main_module
+from datasets.synthetic import generate
+from deta import build_model
+from deta.checkpoint import to_official
+
+REPO = Path(__file__).resolve().parents[1]
+# A model small enough for CPU tests. hidden_dim 64: with 5 levels the stride-128 map of these images is 1×1,
+# and GroupNorm needs 2 channels per group to train on it.
+TINY = [
+    "--backbone", "resnet18", "--pretrained_backbone", "none", "--enc_layers", "1", "--dec_layers", "1",
+    "--hidden_dim", "64", "--nheads", "2", "--dim_feedforward", "64", "--num_queries", "20",
+    "--num_feature_levels", "5", "--two_stage", "--with_box_refine", "--assign_first_stage", "--assign_second_stage",
+    "--train_sizes", "96,128", "--max_size", "160", "--eval_size", "96", "--batch_size", "2", "--num_workers", "0",
+    "--device", "cpu", "--print_freq", "1",
+]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+@pytest.fixture(scope="module")
+def data_flags(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    """4 training images and 3 validation ones: an odd count, so 2 processes see a repeated image."""
+    paths = generate(tmp_path_factory.mktemp("shapes"), seed=1, num_train=4, num_val=3, image_size=(64, 96),
+                     object_size=(24, 48), max_objects=2)
+    return [f"--{flag}={path}" for flag, path in paths.items()]
+
+
+def run_main(*flags: str) -> None:
+    """main.py in this process (its import is already paid for)."""
+    main_module.main(argparse.ArgumentParser(parents=[main_module.get_args_parser()]).parse_args(list(flags)))
+
+
+def run_script(*flags: str, launcher: tuple[str, ...] = (sys.executable,)) -> subprocess.CompletedProcess:
+    return subprocess.run([*launcher, str(REPO / "main.py"), *flags], cwd=REPO, env=ENV, capture_output=True,
+                          text=True, timeout=300)
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]
+
+
+@pytest.fixture(scope="module")
+def one_epoch(data_flags: list[str], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Output folder of a one-epoch run with a learning-rate drop after it."""
+    out = tmp_path_factory.mktemp("one_epoch")
+    run_main(*TINY, *data_flags, "--epochs", "1", "--lr_drop", "1", "--output_dir", str(out))
+    return out
+
+
+def test_training_writes_checkpoint_log_and_results(one_epoch: Path) -> None:
+    checkpoint = torch.load(one_epoch / "checkpoint.pth", map_location="cpu", weights_only=True)
+    assert checkpoint["epoch"] == 0 and checkpoint["args"]["num_classes"] == 6  # 5 shapes, ids 1..5
+    assert checkpoint["lr_scheduler"]["_last_lr"] == pytest.approx([2e-5, 2e-6, 2e-6])  # dropped after epoch 0
+    assert len(checkpoint["optimizer"]["param_groups"]) == 3 and len(checkpoint["rng_states"]) == 1
+    assert (one_epoch / "checkpoint0000.pth").is_file()  # kept: the learning rate drops after it
+    assert not list(one_epoch.glob(".*.tmp"))
+    (line,) = (one_epoch / "log.txt").read_text().splitlines()
+    stats = json.loads(line)
+    assert stats["epoch"] == 0 and stats["train_loss"] > 0 and 0 <= stats["test_AP"] <= 1
+    assert {d["image_id"] for d in json.loads((one_epoch / "coco_results.json").read_text())} == {1, 2, 3}
+    assert list(one_epoch.glob("events.out.tfevents.*"))
+
+
+def test_resume_after_a_kill_matches_an_uninterrupted_run(data_flags: list[str], tmp_path: Path) -> None:
+    flags = [*TINY, *data_flags, "--epochs", "2", "--batch_size", "1"]
+    uninterrupted = run_script(*flags, "--output_dir", str(tmp_path / "a"))
+    assert uninterrupted.returncode == 0, uninterrupted.stderr
+
+    killed = subprocess.Popen([sys.executable, str(REPO / "main.py"), *flags, "--output_dir", str(tmp_path / "b")],
+                              cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in killed.stdout:
+        if line.startswith("Epoch [1] [1/4]"):  # epoch 0's checkpoint is written, epoch 1 is under way
+            killed.send_signal(signal.SIGKILL)
+            break
+    killed.wait(timeout=60)
+    assert killed.returncode == -signal.SIGKILL
+    assert torch.load(tmp_path / "b" / "checkpoint.pth", weights_only=True)["epoch"] == 0
+
+    resumed = run_script(*flags, "--output_dir", str(tmp_path / "b"), "--resume", str(tmp_path / "b/checkpoint.pth"))
+    assert resumed.returncode == 0, resumed.stderr
+    expected, actual = weights(tmp_path / "a" / "checkpoint.pth"), weights(tmp_path / "b" / "checkpoint.pth")
+    assert expected.keys() == actual.keys()
+    assert all(torch.equal(expected[k], actual[k]) for k in expected), "resumed weights differ"
+    # the epochs the killed run did not finish are logged once, and alike
+    log_a = [json.loads(line) for line in (tmp_path / "a" / "log.txt").read_text().splitlines()]
+    log_b = [json.loads(line) for line in (tmp_path / "b" / "log.txt").read_text().splitlines()]
+    assert [s["epoch"] for s in log_b] == [0, 1] and log_b == log_a
+
+
+def test_torchrun_gathers_every_image_once(data_flags: list[str], tmp_path: Path) -> None:
+    two = tmp_path / "two"
+    launcher = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
+    trained = run_script(*TINY, *data_flags, "--epochs", "1", "--output_dir", str(two), launcher=launcher)
+    assert trained.returncode == 0, trained.stdout[-3000:] + trained.stderr[-3000:]
+    assert len(torch.load(two / "checkpoint.pth", weights_only=True)["rng_states"]) == 2
+
+    one = tmp_path / "one"
+    run_main(*TINY, *data_flags, "--eval", "--resume", str(two / "checkpoint.pth"), "--output_dir", str(one))
+    gathered = json.loads((two / "coco_results.json").read_text())
+    single = json.loads((one / "coco_results.json").read_text())
+    assert len(gathered) == len(single) and {d["image_id"] for d in gathered} == {1, 2, 3}
+    for a, b in zip(gathered, single, strict=True):
+        assert (a["image_id"], a["category_id"]) == (b["image_id"], b["category_id"])
+        assert a["bbox"] == pytest.approx(b["bbox"], abs=1e-3) and a["score"] == pytest.approx(b["score"], abs=1e-5)
+    stats = json.loads((two / "coco_stats.json").read_text())
+    assert stats == pytest.approx(json.loads((one / "coco_stats.json").read_text()), abs=1e-6)
+
+
+def test_eval_of_an_official_checkpoint(data_flags: list[str], one_epoch: Path, tmp_path: Path) -> None:
+    ours = weights(one_epoch / "checkpoint.pth")
+    official = {"model": to_official(ours, two_stage=True, with_box_refine=True), "epoch": 0,
+                "args": argparse.Namespace(num_classes=6)}
+    assert official["model"].keys() > ours.keys()
+    torch.save(official, tmp_path / "official.pth")
+    for name, path in (("ours", one_epoch / "checkpoint.pth"), ("official", tmp_path / "official.pth")):
+        run_main(*TINY, *data_flags, "--eval", "--resume", str(path), "--output_dir", str(tmp_path / name))
+    assert (tmp_path / "ours" / "coco_results.json").read_text() == \
+        (tmp_path / "official" / "coco_results.json").read_text()
+
+
+def test_finetune_replaces_a_class_head_of_another_size(data_flags: list[str], one_epoch: Path,
+                                                        tmp_path: Path) -> None:
+    run_main(*TINY, *data_flags, "--epochs", "1", "--num_classes", "9", "--finetune", str(one_epoch / "checkpoint.pth"),
+             "--output_dir", str(tmp_path))
+    source, tuned = weights(one_epoch / "checkpoint.pth"), weights(tmp_path / "checkpoint.pth")
+    assert tuned["class_embed.0.bias"].shape == (9,)
+    assert tuned["backbone.0.body.conv1.weight"].shape == source["backbone.0.body.conv1.weight"].shape
+
+
+def test_nan_loss_stops_and_keeps_the_last_checkpoint(data_flags: list[str], one_epoch: Path, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture) -> None:
+    shutil.copy(one_epoch / "checkpoint.pth", tmp_path / "checkpoint.pth")
+    before = (tmp_path / "checkpoint.pth").read_bytes()
+
+    def build_poisoned(args: argparse.Namespace) -> tuple:
+        model, criterion, postprocessors = build_model(args)
+        calls, forward = [], criterion.forward
+
+        def poisoned(outputs: dict, targets: list) -> dict:
+            losses = forward(outputs, targets)
+            calls.append(None)
+            if len(calls) == 2:  # the first step has changed the weights in memory
+                losses["loss_giou"] = losses["loss_giou"] * float("nan")
+            return losses
+
+        criterion.forward = poisoned
+        return model, criterion, postprocessors
+
+    monkeypatch.setattr(main_module, "build_model", build_poisoned)
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(*TINY, *data_flags, "--epochs", "3", "--resume", str(tmp_path / "checkpoint.pth"),
+                 "--output_dir", str(tmp_path))
+    assert exit_info.value.code == 1
+    assert capsys.readouterr().err == ("error: loss is nan at epoch 1, iteration 1/2 (loss_giou=nan); stopped "
+                                       "without saving this epoch, the last checkpoint is intact\n")
+    assert (tmp_path / "checkpoint.pth").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.glob("*.pth")) == ["checkpoint.pth"]
+
+
+def _without_optimizer(checkpoint: dict) -> None:
+    del checkpoint["optimizer"]
+
+
+def _reordered_optimizer(checkpoint: dict) -> None:
+    state = checkpoint["optimizer"]["state"]
+    first, second = next((a, b) for a, b in zip(state, list(state)[1:], strict=False)
+                         if state[a]["exp_avg"].shape != state[b]["exp_avg"].shape)
+    state[first], state[second] = state[second], state[first]
+
+
+@pytest.mark.parametrize(("spoil", "message"), [
+    (_without_optimizer, "no optimizer in the checkpoint; to start a new run from its weights pass it as --finetune"),
+    (_reordered_optimizer, "its optimizer state is ordered for another model"),
+])
+def test_resume_rejects_an_unusable_optimizer_state(spoil, message: str, data_flags: list[str], one_epoch: Path,
+                                                    tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    checkpoint = torch.load(one_epoch / "checkpoint.pth", weights_only=True)
+    spoil(checkpoint)
+    torch.save(checkpoint, tmp_path / "spoilt.pth")
+    with pytest.raises(SystemExit):
+        run_main(*TINY, *data_flags, "--epochs", "2", "--resume", str(tmp_path / "spoilt.pth"))
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    ((), "error: no train data: pass --coco_path DIR"),
+    (("--coco_path", "/nonexistent/coco"), "error: --coco_path: file /nonexistent/coco/annotations/instances_"),
+    (("--resume", "a.pth", "--finetune", "b.pth"), "error: --resume and --finetune exclude each other"),
+    (("--resume", "{corrupt}"), "error: checkpoint {corrupt}: cannot be read as a PyTorch checkpoint"),
+])
+def test_bad_input_is_a_one_line_error(flags: tuple[str, ...], message: str, tmp_path: Path,
+                                       capsys: pytest.CaptureFixture) -> None:
+    corrupt = tmp_path / "corrupt.pth"
+    corrupt.write_bytes(b"\x80\x02 definitely not a checkpoint")
+    flags = tuple(flag.format(corrupt=corrupt) for flag in flags)
+    message = message.format(corrupt=corrupt)
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(*TINY, *flags)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(message) and err.count("\n") == 1, err
+
+
+def test_bad_input_exits_without_traceback() -> None:
+    result = run_script(*TINY, "--eval")
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: no val data") and result.stderr.count("\n") == 1, result.stderr

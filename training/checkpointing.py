@@ -1,0 +1,52 @@
+"""What a training checkpoint holds beyond the model: when it is written, and the RNG states that make
+`--resume` continue exactly where an uninterrupted run would be.
+
+Stage-1 assignment samples anchors from torch's generator, and the augmentations draw from it too
+(data-loader workers are seeded from it), so these states must travel with the weights.
+"""
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from deta.checkpoint import save_atomically
+
+
+def save_checkpoint(checkpoint: dict[str, Any], output_dir: Path, epoch: int, lr_drop: int) -> list[Path]:
+    """`checkpoint.pth` every epoch, plus `checkpoint{epoch:04}.pth` before each learning-rate drop and
+    every 5 epochs (the official choice of kept checkpoints). Returns the paths written."""
+    paths = [output_dir / "checkpoint.pth"]
+    if (epoch + 1) % lr_drop == 0 or (epoch + 1) % 5 == 0:
+        paths.append(output_dir / f"checkpoint{epoch:04}.pth")
+    for path in paths:
+        save_atomically(checkpoint, path)
+    return paths
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """This process's generator states, in types that `torch.load(weights_only=True)` accepts."""
+    kind, keys, pos, has_gauss, cached_gauss = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached_gauss),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+    }
+
+
+def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    """Inverse of `rng_state`."""
+    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, cached_gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached_gauss))
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and state["cuda"] is not None:
+        torch.cuda.set_rng_state(state["cuda"], device)
