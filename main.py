@@ -20,6 +20,7 @@ from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 from torch.utils.tensorboard import SummaryWriter
 
 from datasets import build_dataset, collate_fn, resolve_num_classes
+from datasets.coco import category_names
 from deta import build_model
 from deta.checkpoint import load_checkpoint, load_model_weights
 from deta.errors import InputError
@@ -53,7 +54,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     model.add_argument("--with_box_refine", action="store_true")
     model.add_argument("--two_stage", action="store_true")
     model.add_argument("--backbone", default="resnet50", type=str,
-                       help="resnet18, resnet34, resnet50 or resnet101 (torchvision)")
+                       help="resnet18, resnet34, resnet50, resnet101 (torchvision) or swin_large (timm; the "
+                            "official spelling 'swin' also works)")
     model.add_argument("--pretrained_backbone", default="default", type=str,
                        help="'default': torchvision's ImageNet weights from its cache, 'none': random "
                             "initialisation, or the path of a backbone state dict")
@@ -79,6 +81,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     model.add_argument("--official_batching", action="store_true",
                        help="pad the batch before the backbone and let padded tokens become proposals, as the "
                             "official code does; outputs then depend on the other images in the batch")
+
+    model.add_argument("--num_detections", default=100, type=int,
+                       help="detections kept per image at inference (300 reproduces detrex's non-NMS baseline)")
 
     loss = parser.add_argument_group("assignment and loss")
     loss.add_argument("--no_aux_loss", dest="aux_loss", action="store_false",
@@ -123,6 +128,28 @@ def get_args_parser() -> argparse.ArgumentParser:
     run.add_argument("--eval", action="store_true", help="evaluate only")
     run.add_argument("--print_freq", default=10, type=int, help="iterations between progress lines")
     return parser
+
+
+def model_args(checkpoint: dict[str, Any], source: str, overrides: list[str]) -> argparse.Namespace:
+    """Arguments of a checkpoint's model: parser defaults, then its saved 'args', then `overrides` (flags).
+
+    Official checkpoints save an argparse.Namespace, ours a dict; one that saves none needs the model
+    flags in `overrides`, which the scripts take after '--'. The backbone is not initialised from ImageNet
+    (the checkpoint holds its weights), and the device is the overrides' or the default one.
+    """
+    saved_args = checkpoint.get("args")
+    if saved_args is None and not overrides:
+        raise InputError(f"checkpoint {source}: it saves no model arguments; pass the main.py model flags after "
+                         "'--' (e.g. -- --two_stage --with_box_refine --num_feature_levels 5 ...)")
+    parser = get_args_parser()
+    args = parser.parse_args([])
+    saved = vars(saved_args) if isinstance(saved_args, argparse.Namespace) else dict(saved_args or {})
+    for key, value in saved.items():
+        if hasattr(args, key) and key != "device":  # the machine it was trained on is not this one
+            setattr(args, key, value)
+    args = parser.parse_args(overrides, namespace=args)
+    args.pretrained_backbone = "none"
+    return args
 
 
 def main(args: argparse.Namespace) -> None:
@@ -218,7 +245,8 @@ def _run(args: argparse.Namespace) -> None:
             if rank == 0:
                 save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                  "lr_scheduler": lr_scheduler.state_dict(), "epoch": epoch, "args": vars(args),
-                                 "rng_states": rng_states}, output_dir, epoch, args.lr_drop)
+                                 "rng_states": rng_states, "category_names": category_names(dataset_train.coco)},
+                                output_dir, epoch, args.lr_drop)
         test_stats = run_evaluation()
         if writer is not None:
             _log_epoch(output_dir, writer, epoch, train_stats, test_stats)

@@ -9,16 +9,20 @@ from .criterion import build_criterion
 from .detector import DETA
 from .position_encoding import PositionEmbeddingSine
 from .postprocess import NMSPostProcess, PostProcess
+from .swin import SwinBackbone, is_swin
 from .transformer import DeformableTransformer
 
 COCO_NUM_CLASSES = 91  # COCO category ids run 1..90; index 0 and 10 unused ids are never targets
 
 
 def build_backbone(args: argparse.Namespace) -> Joiner:
-    multi_scale = args.num_feature_levels > 1
-    backbone = ResNetBackbone(args.backbone, train_backbone=args.lr_backbone > 0, multi_scale=multi_scale,
-                              dilation=args.dilation)
-    load_pretrained_backbone(backbone, args.backbone, args.pretrained_backbone)
+    train_backbone = args.lr_backbone > 0
+    if is_swin(args.backbone):
+        backbone = SwinBackbone(args.backbone, train_backbone, args.pretrained_backbone)
+    else:
+        backbone = ResNetBackbone(args.backbone, train_backbone, multi_scale=args.num_feature_levels > 1,
+                                  dilation=args.dilation)
+        load_pretrained_backbone(backbone, args.backbone, args.pretrained_backbone)
     return Joiner(backbone, PositionEmbeddingSine(args.hidden_dim // 2, scale=args.position_embedding_scale))
 
 
@@ -38,7 +42,8 @@ def build_model(args: argparse.Namespace) -> tuple[DETA, nn.Module, dict[str, nn
                  with_box_refine=args.with_box_refine, two_stage=args.two_stage,
                  batch_invariant=not args.official_batching)
     criterion = build_criterion(args, num_classes)
-    postprocess = NMSPostProcess() if args.assign_second_stage else PostProcess()
+    # Detections kept per image: 100 (official); detrex's non-NMS evaluation keeps 300 (docs/MODEL_ZOO.md).
+    postprocess = (NMSPostProcess if args.assign_second_stage else PostProcess)(num_detections=args.num_detections)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     return model.to(device), criterion.to(device), {"bbox": postprocess}
 

@@ -51,7 +51,7 @@ class ResNetBackbone(nn.Module):
     def __init__(self, name: str, train_backbone: bool, multi_scale: bool, dilation: bool) -> None:
         super().__init__()
         if name not in RESNET_WEIGHTS:
-            raise InputError(f"--backbone {name}: expected one of {', '.join(RESNET_WEIGHTS)}")
+            raise InputError(f"--backbone {name}: expected one of {', '.join(RESNET_WEIGHTS)}, swin_large (or swin)")
         resnet = getattr(torchvision.models, name)(
             weights=None, replace_stride_with_dilation=[False, False, dilation], norm_layer=FrozenBatchNorm2d)
         for param_name, param in resnet.named_parameters():

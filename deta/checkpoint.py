@@ -1,77 +1,87 @@
-"""Checkpoint formats: reading ours and official DETA's, checking them, writing them back.
+"""Checkpoint files: reading any supported format into ours, checking weights against a model, saving.
 
-Our state-dict keys are the official ones, minus the official copies of the heads that its
-decoder re-registers (`transformer.decoder.class_embed.*` / `bbox_embed.*`, always equal to
-the top-level `class_embed.*` / `bbox_embed.*`) and minus profiling leftovers (`*total_ops`,
-`*total_params`) found in some released files.
+The formats themselves (official DETA, detrex, HF, and how their keys map to ours) live in
+deta.formats. Our state-dict keys are the official ones, minus the copies of the heads that the
+official decoder re-registers, and with timm's numbering of the Swin patch-merging layers.
 """
 import argparse
+import json
 import os
 import re
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file as load_safetensors
 from torch import Tensor, nn
 
 from .errors import InputError
+from .formats import SOURCE_FORMATS, TARGET_FORMATS, detect_format, from_ours, to_ours
+from .formats.hf import model_args as hf_model_args
+from .formats.official import from_official, to_official
 
-FORMATS = ("deta", "official")
-_DECODER_HEAD_PREFIXES = ("transformer.decoder.class_embed.", "transformer.decoder.bbox_embed.")
-_PROFILING_SUFFIXES = ("total_ops", "total_params")
+__all__ = ["SOURCE_FORMATS", "TARGET_FORMATS", "convert_state_dict", "describe", "detect_format", "from_official",
+           "from_ours", "load_checkpoint", "load_model_weights", "save_atomically", "state_dict_problems",
+           "to_official"]
 
 StateDict = dict[str, Tensor]
-
-
-def detect_format(state_dict: Mapping[str, Tensor]) -> str:
-    if any(key.startswith(_DECODER_HEAD_PREFIXES) or key.endswith(_PROFILING_SUFFIXES) for key in state_dict):
-        return "official"
-    if any(key.startswith(("backbone.0.", "transformer.", "class_embed.")) for key in state_dict):
-        return "deta"
-    raise InputError(f"not a DETA state dict: unrecognised keys such as {sorted(state_dict)[:3]}")
-
-
-def from_official(state_dict: Mapping[str, Tensor]) -> StateDict:
-    """Official DETA state dict → ours; the decoder's head copies must equal the top-level heads."""
-    converted = {}
-    for key, value in state_dict.items():
-        if key.endswith(_PROFILING_SUFFIXES):
-            continue
-        if key.startswith(_DECODER_HEAD_PREFIXES):
-            primary = key.removeprefix("transformer.decoder.")
-            if primary not in state_dict or not torch.equal(state_dict[primary], value):
-                raise InputError(f"official checkpoint: {key} differs from {primary}; the file is inconsistent")
-            continue
-        converted[key] = value
-    return converted
-
-
-def to_official(state_dict: Mapping[str, Tensor], two_stage: bool, with_box_refine: bool) -> StateDict:
-    """Ours → official: add the decoder's head copies that the official model registers."""
-    converted = dict(state_dict)
-    copied = ([("class_embed.", "transformer.decoder.class_embed.")] if two_stage else []) + \
-             ([("bbox_embed.", "transformer.decoder.bbox_embed.")] if with_box_refine else [])
-    for source, target in copied:
-        converted.update({target + key.removeprefix(source): value
-                          for key, value in state_dict.items() if key.startswith(source)})
-    return converted
+# Files of a HuggingFace model folder, in order of preference.
+_HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+_HF_CONFIG = "config.json"
+# Training state that only means something to the code base that wrote it (its parameter order).
+_PORTABLE_FORMATS = ("deta", "official")
 
 
 def convert_state_dict(state_dict: Mapping[str, Tensor], source_format: str = "auto") -> StateDict:
-    source_format = detect_format(state_dict) if source_format == "auto" else source_format
-    if source_format == "official":
-        return from_official(state_dict)
-    if source_format == "deta":
-        return dict(state_dict)
-    raise InputError(f"unknown checkpoint format {source_format!r}; expected one of {', '.join(FORMATS)} or auto")
+    """A state dict of any supported format (or `auto`-detected) in ours."""
+    return to_ours(state_dict, detect_format(state_dict) if source_format == "auto" else source_format)
 
 
 def load_checkpoint(path: str | os.PathLike, source_format: str = "auto") -> dict:
-    """Load a checkpoint file of any supported format; its 'model' entry is converted to ours."""
+    """Load a checkpoint of any supported format; its 'model' entry is converted to ours.
+
+    `path` is a file (ours, official, detrex: a dict with a 'model' entry or a bare state dict;
+    HF: pytorch_model.bin or model.safetensors) or an HF model folder. For HF, the config.json
+    beside the weights supplies 'args' (our main.py arguments for that model). Training state
+    written by another code base (detrex, HF) is dropped: it fits only that code's parameters.
+    """
     path = Path(path)
-    if not path.is_file():
+    weights = _hf_weights(path) if path.is_dir() else path
+    if not weights.is_file():
         raise InputError(f"checkpoint {path}: no such file")
+    checkpoint = _read(weights)
+    state_dict = checkpoint.get("model", checkpoint)
+    if not isinstance(state_dict, Mapping) or not all(isinstance(v, Tensor) for v in state_dict.values()):
+        raise InputError(f"checkpoint {path}: its 'model' entry is not a state dict of tensors")
+    try:
+        source_format = detect_format(state_dict) if source_format == "auto" else source_format
+        converted = {"model": to_ours(state_dict, source_format)}
+    except InputError as error:
+        raise InputError(f"checkpoint {path}: {error}") from error
+    if source_format in _PORTABLE_FORMATS and state_dict is not checkpoint:
+        converted = {**checkpoint, **converted}
+    config = weights.with_name(_HF_CONFIG)
+    if source_format == "hf" and config.is_file():
+        converted["args"] = hf_model_args(json.loads(config.read_text()), str(config))
+    return converted
+
+
+def _hf_weights(folder: Path) -> Path:
+    found = [folder / name for name in _HF_WEIGHTS if (folder / name).is_file()]
+    if not found:
+        raise InputError(f"checkpoint {folder}: a folder, but without {' or '.join(_HF_WEIGHTS)}; pass a file")
+    return found[0]
+
+
+def _read(path: Path) -> dict[str, Any]:
+    if path.suffix == ".safetensors":
+        try:
+            return load_safetensors(path)
+        except (SafetensorError, OSError) as error:
+            raise InputError(f"checkpoint {path}: not a readable safetensors file ({error})") from error
     # Official checkpoints pickle their argparse.Namespace; allow that one class and nothing else.
     with torch.serialization.safe_globals([argparse.Namespace]):
         try:
@@ -83,13 +93,6 @@ def load_checkpoint(path: str | os.PathLike, source_format: str = "auto") -> dic
             raise InputError(f"checkpoint {path}: cannot be read as a PyTorch checkpoint ({reason})") from error
     if not isinstance(checkpoint, dict):
         raise InputError(f"checkpoint {path}: expected a dict with a 'model' entry, got {type(checkpoint).__name__}")
-    state_dict = checkpoint.get("model", checkpoint)
-    if not isinstance(state_dict, Mapping) or not all(isinstance(v, Tensor) for v in state_dict.values()):
-        raise InputError(f"checkpoint {path}: its 'model' entry is not a state dict of tensors")
-    try:
-        checkpoint = dict(checkpoint, model=convert_state_dict(state_dict, source_format))
-    except InputError as error:
-        raise InputError(f"checkpoint {path}: {error}") from error
     return checkpoint
 
 
@@ -101,6 +104,12 @@ def state_dict_problems(model: nn.Module, state_dict: Mapping[str, Tensor]) -> l
     problems += [f"shape of {key}: checkpoint {tuple(value.shape)}, model {tuple(expected[key].shape)}"
                  for key, value in state_dict.items() if key in expected and value.shape != expected[key].shape]
     return problems
+
+
+def describe(problems: list[str], shown: int = 8) -> str:
+    """'N problems: first; second; ...; and M more' on one line."""
+    more = f"; and {len(problems) - shown} more" if len(problems) > shown else ""
+    return f"{len(problems)} problem{'s' * (len(problems) != 1)}: " + "; ".join(problems[:shown]) + more
 
 
 def load_model_weights(model: nn.Module, state_dict: Mapping[str, Tensor], finetune: bool = False) -> list[str]:
@@ -117,9 +126,8 @@ def load_model_weights(model: nn.Module, state_dict: Mapping[str, Tensor], finet
         state_dict = {**state_dict, **{key: expected[key] for key in skipped}}
     problems = state_dict_problems(model, state_dict)
     if problems:
-        shown = "; ".join(problems[:8]) + (f"; and {len(problems) - 8} more" if len(problems) > 8 else "")
-        raise InputError(f"checkpoint does not fit the model built from these flags ({len(problems)} problems: "
-                         f"{shown}); check --backbone, --num_feature_levels, --num_classes and the layer counts")
+        raise InputError(f"checkpoint does not fit the model built from these flags ({describe(problems)}); "
+                         "check --backbone, --num_feature_levels, --num_classes and the layer counts")
     model.load_state_dict(state_dict)
     return skipped
 

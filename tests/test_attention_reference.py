@@ -79,3 +79,14 @@ def test_msdeformattn_with_point_and_box_references():
     torch.testing.assert_close(attention(query, torch.rand(2, 5, 2, 2).fill_(0.5), memory_changed, shapes, start,
                                          padding),
                                attention(query, torch.rand(2, 5, 2, 2).fill_(0.5), memory, shapes, start, padding))
+
+
+def test_the_public_entry_point_agrees_with_the_reference():
+    generator = torch.Generator().manual_seed(2)
+    shapes = torch.tensor([[6, 5], [3, 3]])
+    value = torch.randn(2, 39, 4, 8, generator=generator)
+    locations = torch.rand(2, 7, 4, 2, 3, 2, generator=generator)
+    weights = torch.rand(2, 7, 4, 2, 3, generator=generator)
+    start = torch.tensor([0, 30])
+    torch.testing.assert_close(ops.ms_deform_attn(value, shapes, start, locations, weights),
+                               ops.ms_deform_attn_pytorch(value, shapes, start, locations, weights))

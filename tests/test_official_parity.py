@@ -6,7 +6,6 @@ the two differently sized images of `official_fixture.make_images(0)`: once as o
 (official_tiny.pt, official_full.pt) and once image by image (official_single_image.pt).
 """
 import argparse
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -16,16 +15,9 @@ import deta
 from deta.checkpoint import convert_state_dict, load_checkpoint, load_model_weights, to_official
 from main import get_args_parser
 from official_fixture import make_images, perturbed_state_dict
+from scripts import convert_checkpoint
 
 DATA = Path(__file__).parent / "data"
-ROOT = Path(__file__).parent.parent
-
-
-def _convert_script():
-    spec = importlib.util.spec_from_file_location("convert_checkpoint", ROOT / "scripts" / "convert_checkpoint.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _model(flags: list[str], *extra: str):
@@ -56,7 +48,7 @@ def test_converted_official_checkpoint_reproduces_official_padded_batch(config, 
     official_state = _official_checkpoint(tmp_path / "official.pth", expected["flags"])
     assert {k: list(v.shape) for k, v in official_state.items()} == expected["state_dict_shapes"]
 
-    _convert_script().convert(str(tmp_path / "official.pth"), str(tmp_path / "ours.pth"), "official", "deta", [])
+    convert_checkpoint.convert(str(tmp_path / "official.pth"), str(tmp_path / "ours.pth"), "official", "deta", [])
     converted = torch.load(tmp_path / "ours.pth", weights_only=False)
     assert converted["epoch"] == 11
 
@@ -110,11 +102,10 @@ def test_ours_to_official_to_ours_round_trip_is_exact(tmp_path):
     flags = torch.load(DATA / "official_tiny.pt", weights_only=True)["flags"]
     args, model, _ = _model(flags)
     torch.save({"model": model.state_dict(), "args": args}, tmp_path / "ours.pth")
-    script = _convert_script()
-    script.convert(str(tmp_path / "ours.pth"), str(tmp_path / "official.pth"), "deta", "official", [])
+    convert_checkpoint.convert(str(tmp_path / "ours.pth"), str(tmp_path / "official.pth"), "deta", "official", [])
     official = torch.load(tmp_path / "official.pth", weights_only=False)["model"]
     assert torch.equal(official["transformer.decoder.class_embed.2.bias"], official["class_embed.2.bias"])
-    script.convert(str(tmp_path / "official.pth"), str(tmp_path / "back.pth"), "official", "deta", [])
+    convert_checkpoint.convert(str(tmp_path / "official.pth"), str(tmp_path / "back.pth"), "official", "deta", [])
     back = load_checkpoint(tmp_path / "back.pth")["model"]
     original = model.state_dict()
     assert back.keys() == original.keys()

@@ -1,0 +1,165 @@
+"""HuggingFace `DetaForObjectDetection` checkpoints → ours, output for output.
+
+The HF models are built here from configs (no downloads) with transformers 4.57 (requirements-dev.txt),
+filled with `official_fixture.perturbed_state_dict` so that every path carries signal, saved with
+`save_pretrained` and converted by scripts/convert_checkpoint.py, whose arguments come from the
+saved config.json.
+"""
+from pathlib import Path
+
+import pytest
+import torch
+
+import deta
+from deta import swin
+from deta.checkpoint import convert_state_dict, detect_format, load_checkpoint, load_model_weights
+from deta.errors import InputError
+from deta.formats.hf import model_args
+from official_fixture import make_images, perturbed_state_dict
+from scripts import convert_checkpoint
+
+hf_deta = pytest.importorskip("transformers.models.deprecated.deta",
+                              reason="needs transformers 4.57 (its DETA port), from requirements-dev.txt")
+transformers = pytest.importorskip("transformers")
+
+ATOL = 1e-4
+
+
+def _hf_model(backbone_config, **config) -> torch.nn.Module:
+    """A DetaForObjectDetection with perturbed weights (tied head copies share their values)."""
+    torch.manual_seed(0)
+    model = hf_deta.DetaForObjectDetection(hf_deta.DetaConfig(backbone_config=backbone_config, **config))
+    state = model.state_dict()
+    floats = {key: tuple(value.shape) for key, value in state.items() if value.is_floating_point()}
+    state.update(perturbed_state_dict(floats, seed=0))
+    model.load_state_dict(state)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def tiny_hf(tmp_path_factory) -> tuple[torch.nn.Module, Path]:
+    """ResNet-18 body, 2+2 layers of width 64, 7 classes, two_stage_num_proposals left at HF's 300;
+    and the folder save_pretrained wrote it to (model.safetensors stores each tied head once)."""
+    resnet18 = transformers.ResNetConfig(layer_type="basic", depths=[2, 2, 2, 2], hidden_sizes=[64, 128, 256, 512],
+                                         out_features=["stage2", "stage3", "stage4"])
+    model = _hf_model(resnet18, d_model=64, encoder_layers=2, decoder_layers=2, encoder_ffn_dim=128,
+                      decoder_ffn_dim=128, encoder_attention_heads=4, decoder_attention_heads=4, num_labels=7,
+                      disable_custom_kernels=True)
+    folder = tmp_path_factory.mktemp("hf")
+    model.save_pretrained(folder)
+    return model, folder
+
+
+def _ours_from_hf_folder(folder: Path, tmp_path: Path, *extra: str):
+    convert_checkpoint.convert(str(folder), str(tmp_path / "ours.pth"), "hf", "deta", list(extra))
+    checkpoint = torch.load(tmp_path / "ours.pth", weights_only=False)
+    model, _, postprocess = deta.build_model(checkpoint["args"])
+    load_model_weights(model, checkpoint["model"])
+    return checkpoint["args"], model.eval(), postprocess["bbox"]
+
+
+def _assert_outputs_match(ours: dict, hf) -> None:
+    torch.testing.assert_close(ours["pred_logits"], hf.logits, rtol=0, atol=ATOL)
+    torch.testing.assert_close(ours["pred_boxes"], hf.pred_boxes, rtol=0, atol=ATOL)
+    torch.testing.assert_close(ours["init_reference"], hf.init_reference_points, rtol=0, atol=ATOL)
+    torch.testing.assert_close(ours["enc_outputs"]["pred_logits"], hf.enc_outputs_class, rtol=0, atol=ATOL)
+
+
+def test_tiny_hf_model_converts_and_matches_image_by_image_and_as_a_padded_batch(tiny_hf, tmp_path):
+    hf_model, folder = tiny_hf
+    args, ours, postprocess = _ours_from_hf_folder(folder, tmp_path)
+    assert (args.num_queries, args.num_classes, args.backbone) == (300, 7, "resnet18")
+
+    images = make_images(0)
+    with torch.no_grad():
+        for image in images:
+            _assert_outputs_match(ours([image]), hf_model(pixel_values=image[None]))
+
+    # The official batching pads like HF; HF's pixel_mask is 1 on valid pixels.
+    ours.batch_invariant = False
+    height, width = (max(sizes) for sizes in zip(*(image.shape[-2:] for image in images), strict=True))
+    pixels = torch.zeros(len(images), 3, height, width)
+    pixel_mask = torch.zeros(len(images), height, width, dtype=torch.long)
+    for index, image in enumerate(images):
+        pixels[index, :, :image.shape[1], :image.shape[2]] = image
+        pixel_mask[index, :image.shape[1], :image.shape[2]] = 1
+    with torch.no_grad():
+        out, hf_out = ours(images), hf_model(pixel_values=pixels, pixel_mask=pixel_mask)
+    _assert_outputs_match(out, hf_out)
+
+    sizes = torch.tensor([list(image.shape[-2:]) for image in images])
+    hf_detections = hf_deta.DetaImageProcessor().post_process_object_detection(hf_out, threshold=-1.0,
+                                                                                target_sizes=sizes)
+    for mine, theirs in zip(postprocess(out, sizes), hf_detections, strict=True):
+        assert torch.equal(mine["labels"], theirs["labels"])
+        torch.testing.assert_close(mine["scores"], theirs["scores"], rtol=0, atol=ATOL)
+        torch.testing.assert_close(mine["boxes"], theirs["boxes"], rtol=0, atol=1e-2)  # pixels
+
+
+def test_pytorch_model_bin_and_safetensors_convert_alike(tiny_hf, tmp_path):
+    hf_model, folder = tiny_hf
+    torch.save(hf_model.state_dict(), tmp_path / "pytorch_model.bin")  # both copies of every tied head
+    from_bin = load_checkpoint(tmp_path / "pytorch_model.bin")
+    from_safetensors = load_checkpoint(folder / "model.safetensors")
+    assert detect_format(hf_model.state_dict()) == "hf"
+    assert from_bin["model"].keys() == from_safetensors["model"].keys()
+    assert all(torch.equal(from_bin["model"][key], from_safetensors["model"][key]) for key in from_bin["model"])
+    assert "args" not in from_bin and from_safetensors["args"]["num_queries"] == 300  # config.json only beside one
+
+
+def test_missing_projection_part_and_unknown_keys_are_named(tiny_hf):
+    state = tiny_hf[0].state_dict()
+    broken = {key: value for key, value in state.items() if key != "model.decoder.layers.1.self_attn.k_proj.bias"}
+    with pytest.raises(InputError, match=r"model\.decoder\.layers\.1\.self_attn\.in_proj_bias cannot be formed, "
+                                         r"its k part is missing"):
+        convert_state_dict(broken, "hf")
+    with pytest.raises(InputError, match=r"no rule maps model\.extra\.weight"):
+        convert_state_dict({**state, "model.extra.weight": torch.zeros(1)}, "hf")
+
+
+def test_hf_config_maps_to_our_arguments():
+    config = {"model_type": "deta", "two_stage_num_proposals": 900, "encoder_ffn_dim": 2048, "decoder_ffn_dim": 2048,
+              "id2label": {str(i): str(i) for i in range(91)},
+              "backbone_config": {"model_type": "swin", "embed_dim": 192, "depths": [2, 2, 18, 2],
+                                  "num_heads": [6, 12, 24, 48], "window_size": 12}}
+    args = model_args(config)
+    assert (args["backbone"], args["num_queries"], args["num_classes"], args["dim_feedforward"]) == \
+        ("swin_large", 900, 91, 2048)
+    with pytest.raises(InputError, match="encoder_ffn_dim 2048 differs from decoder_ffn_dim 1024"):
+        model_args({**config, "decoder_ffn_dim": 1024})
+    with pytest.raises(InputError, match="none of the backbones we build"):
+        model_args({**config, "backbone_config": {"model_type": "swin"}})
+
+
+@pytest.mark.slow
+def test_full_size_r50_hf_model_with_900_proposals_matches(tmp_path):
+    """The configuration of jozhang97/deta-resnet-50 with official DETA's 900 decoder queries."""
+    hf_model = _hf_model(transformers.ResNetConfig(out_features=["stage2", "stage3", "stage4"]),
+                         decoder_ffn_dim=2048, two_stage_num_proposals=900, num_labels=91,
+                         disable_custom_kernels=True)
+    hf_model.save_pretrained(tmp_path / "hf")
+    args, ours, _ = _ours_from_hf_folder(tmp_path / "hf", tmp_path)
+    assert (args.backbone, args.hidden_dim, args.enc_layers, args.dec_layers, args.dim_feedforward,
+            args.num_feature_levels, args.num_queries, args.num_classes) == ("resnet50", 256, 6, 6, 2048, 5, 900, 91)
+    image = make_images(0)[0]
+    with torch.no_grad():
+        _assert_outputs_match(ours([image]), hf_model(pixel_values=image[None]))
+
+
+@pytest.mark.slow
+def test_hf_swin_large_converts_and_matches(tmp_path, monkeypatch):
+    """Swin-L widths, heads and window with depths (2, 2, 2, 2) on both sides, to keep it fast. The image
+    is over 384 px a side: on smaller ones HF shrinks the Swin window where official DETA does not."""
+    depths = [2, 2, 2, 2]
+    monkeypatch.setitem(swin.SWIN_VARIANTS["swin_large"], "depths", tuple(depths))
+    swin_large = transformers.SwinConfig(embed_dim=192, depths=depths, num_heads=[6, 12, 24, 48], window_size=12,
+                                         out_features=["stage2", "stage3", "stage4"])
+    hf_model = _hf_model(swin_large, d_model=64, encoder_layers=1, decoder_layers=1, encoder_ffn_dim=128,
+                         decoder_ffn_dim=128, encoder_attention_heads=4, decoder_attention_heads=4,
+                         two_stage_num_proposals=100, num_labels=91, disable_custom_kernels=True)
+    hf_model.save_pretrained(tmp_path / "hf")
+    args, ours, _ = _ours_from_hf_folder(tmp_path / "hf", tmp_path)
+    assert args.backbone == "swin_large"
+    image = torch.nn.functional.interpolate(make_images(0)[0][None], size=(400, 424), mode="bilinear")[0]
+    with torch.no_grad():
+        _assert_outputs_match(ours([image]), hf_model(pixel_values=image[None]))

@@ -1,0 +1,111 @@
+"""Our Swin-L backbone (timm's modules) against the official DETA Swin-L, number for number.
+
+tests/data/official_swin_{shallow,full}.pt come from the official code (its models/swin.py) run on
+CPU by a harness outside this repo, with every float tensor set by `official_fixture.perturbed_state_dict`,
+on the two images of `make_images(0)`. "full" is Swin-L (197M parameters, a slow test); "shallow",
+run by default, has Swin-L's widths, heads, window and key structure with depths (2, 2, 2, 2).
+"""
+from pathlib import Path
+
+import pytest
+import torch
+
+import deta
+from deta import swin
+from deta.checkpoint import from_official, load_model_weights, to_official
+from deta.errors import InputError
+from main import get_args_parser
+from official_fixture import make_images, perturbed_state_dict
+
+DATA = Path(__file__).parent / "data"
+SHALLOW = (2, 2, 2, 2)
+
+
+def _model_with_official_weights(expected: dict):
+    """Our model from the official flags, loaded from an official-format checkpoint of the fixture weights."""
+    args = get_args_parser().parse_args([*expected["flags"], "--pretrained_backbone", "none"])
+    model, _, postprocessors = deta.build_model(args)
+    official = to_official(model.state_dict(), args.two_stage, args.with_box_refine)
+    assert {key: list(value.shape) for key, value in official.items()} == expected["state_dict_shapes"]
+    floats = {key: tuple(value.shape) for key, value in official.items() if value.is_floating_point()}
+    load_model_weights(model, from_official({**official, **perturbed_state_dict(floats, seed=0)}))
+    return model.eval(), postprocessors["bbox"]
+
+
+@pytest.fixture(scope="module", params=["shallow", pytest.param("full", marks=pytest.mark.slow)])
+def official(request):
+    """The official outputs (tests/data/official_swin_*.pt) and our model with the same weights."""
+    expected = torch.load(DATA / f"official_swin_{request.param}.pt", weights_only=True)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(swin.SWIN_VARIANTS["swin_large"], "depths", tuple(expected["depths"]))
+        return expected, *_model_with_official_weights(expected)
+
+
+@pytest.fixture(scope="module")
+def backbone():
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(swin.SWIN_VARIANTS["swin_large"], "depths", SHALLOW)
+        return swin.SwinBackbone("swin_large", train_backbone=True, pretrained="none")
+
+
+def _assert_detections_match(ours: dict, official: dict) -> None:
+    assert torch.equal(ours["labels"], official["labels"])
+    torch.testing.assert_close(ours["scores"], official["scores"], rtol=0, atol=1e-5)
+    torch.testing.assert_close(ours["boxes"], official["boxes"], rtol=0, atol=1e-3)
+
+
+def test_official_swin_checkpoint_reproduces_the_official_padded_batch(official, monkeypatch):
+    expected, model, postprocess = official
+    monkeypatch.setattr(model, "batch_invariant", False)  # = --official_batching
+    images = make_images(0)
+    with torch.no_grad():
+        out = model(images)
+    for key in ("pred_logits", "pred_boxes", "init_reference"):
+        torch.testing.assert_close(out[key], expected[key], rtol=0, atol=1e-4)
+    torch.testing.assert_close(out["enc_outputs"]["pred_logits"][..., 0], expected["enc_pred_logits_objectness"],
+                               rtol=0, atol=1e-4)
+    sizes = torch.tensor([list(image.shape[-2:]) for image in images])
+    for ours, theirs in zip(postprocess(out, sizes), expected["detections"], strict=True):
+        _assert_detections_match(ours, theirs)
+
+
+def test_batch_invariant_swin_gives_each_image_its_official_single_image_output(official):
+    expected, model, _ = official
+    assert model.batch_invariant
+    with torch.no_grad():
+        out = model(make_images(0))
+    for index, theirs in enumerate(expected["single_image"]):
+        torch.testing.assert_close(out["pred_logits"][index], theirs["pred_logits"], rtol=0, atol=1e-4)
+        torch.testing.assert_close(out["pred_boxes"][index], theirs["pred_boxes"], rtol=0, atol=1e-4)
+
+
+def test_swin_large_is_timm_swin_large_patch4_window12_384_with_three_outputs(backbone):
+    assert (backbone.strides, backbone.num_channels) == ([8, 16, 32], [384, 768, 1536])
+    features = backbone(torch.zeros(1, 3, 70, 90))  # padded to whole patches, windows and merges inside
+    assert [tuple(f.shape) for f in features] == [(1, 384, 9, 12), (1, 768, 5, 6), (1, 1536, 3, 3)]
+    attention = backbone.body["layers"][3].blocks[1]
+    assert (attention.window_size, attention.shift_size) == ((12, 12), (6, 6))  # even on a 3×3 map
+
+
+def test_swin_initialises_from_an_original_swin_release_file(backbone, tmp_path, monkeypatch):
+    """--pretrained_backbone FILE takes the Swin release's layout, as the official code loads it."""
+    body = {f"backbone.0.body.{key}": value for key, value in backbone.body.state_dict().items()}
+    release = {key.removeprefix("backbone.0.body."): value.clone()
+               for key, value in to_official(body, two_stage=False, with_box_refine=False).items()
+               if not key.startswith("backbone.0.body.norm")}
+    release.update({"norm.weight": torch.ones(1536), "norm.bias": torch.zeros(1536), "head.weight": torch.ones(5, 1536),
+                    "head.bias": torch.ones(5), "layers.0.blocks.1.attn_mask": torch.zeros(1, 144, 144)})
+    path = tmp_path / "swin_large_patch4_window12_384_22k.pth"
+    torch.save({"model": release}, path)
+    monkeypatch.setitem(swin.SWIN_VARIANTS["swin_large"], "depths", SHALLOW)
+    loaded = swin.SwinBackbone("swin", train_backbone=True, pretrained=str(path)).body.state_dict()
+    for key, value in backbone.body.state_dict().items():
+        if not key.startswith("norm"):  # the output norms are DETA's own, as in the official code
+            assert torch.equal(loaded[key], value), key
+
+
+def test_a_file_of_other_weights_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setitem(swin.SWIN_VARIANTS["swin_large"], "depths", SHALLOW)
+    torch.save({"model": {"backbone.0.body.conv1.weight": torch.zeros(64, 3, 7, 7)}}, tmp_path / "r50.pth")
+    with pytest.raises(InputError, match=r"r50\.pth: not Swin weights of this size; missing \d+ keys"):
+        swin.SwinBackbone("swin", train_backbone=True, pretrained=str(tmp_path / "r50.pth"))
