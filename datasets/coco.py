@@ -70,6 +70,11 @@ def category_ids(coco: COCO) -> set[int]:
     return set(coco.cats) | {annotation["category_id"] for annotation in coco.anns.values()}
 
 
+def category_names(coco: COCO) -> dict[int, str]:
+    """Category id → name of the declared categories (the id itself where a category has no name)."""
+    return {cat_id: str(cat.get("name", cat_id)) for cat_id, cat in coco.cats.items()}
+
+
 def check_category_ids(coco: COCO, path: str | Path, num_classes: int | None) -> None:
     """Labels index the class head, so every id must be in [0, num_classes)."""
     ids = category_ids(coco)
@@ -80,13 +85,13 @@ def check_category_ids(coco: COCO, path: str | Path, num_classes: int | None) ->
                          f"pass --num_classes {max(ids) + 1} or more")
 
 
-def load_image(path: Path) -> Image.Image:
+def load_image(path: Path, fix: str = "replace the file or drop it from the annotations") -> Image.Image:
+    """The image as RGB; an unreadable file raises InputError naming it and suggesting `fix`."""
     try:
         with Image.open(path) as image:
             return image.convert("RGB")
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:  # PIL's "unreadable"
-        raise InputError(f"{path}: cannot read image ({err}); replace the file or drop it from the "
-                         "annotations") from err
+        raise InputError(f"{path}: cannot read image ({err}); {fix}") from err
 
 
 def prepare_target(annotations: list[dict], image_id: int, width: int, height: int) -> Target:

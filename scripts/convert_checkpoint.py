@@ -58,7 +58,8 @@ def main() -> None:
     try:
         convert(options.input, options.output, options.source_format, options.target_format, argv[split + 1:])
     except InputError as error:
-        sys.exit(f"error: {error}")
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -62,6 +62,7 @@ def one_epoch(data_flags: list[str], tmp_path_factory: pytest.TempPathFactory) -
 def test_training_writes_checkpoint_log_and_results(one_epoch: Path) -> None:
     checkpoint = torch.load(one_epoch / "checkpoint.pth", map_location="cpu", weights_only=True)
     assert checkpoint["epoch"] == 0 and checkpoint["args"]["num_classes"] == 6  # 5 shapes, ids 1..5
+    assert checkpoint["category_names"] == {1: "circle", 2: "square", 3: "triangle", 4: "ring", 5: "cross"}
     assert checkpoint["lr_scheduler"]["_last_lr"] == pytest.approx([2e-5, 2e-6, 2e-6])  # dropped after epoch 0
     assert len(checkpoint["optimizer"]["param_groups"]) == 3 and len(checkpoint["rng_states"]) == 1
     assert (one_epoch / "checkpoint0000.pth").is_file()  # kept: the learning rate drops after it

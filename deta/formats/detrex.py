@@ -17,11 +17,11 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
+from ..coco_categories import COCO_CATEGORY_NAMES
 from .head_copies import add_head_copies, drop_head_copies
 from .rules import RuleTable, StateDict
 
-COCO_CATEGORY_IDS = (*range(1, 12), *range(13, 26), 27, 28, *range(31, 45), *range(46, 66), 67, 70,
-                     *range(72, 83), *range(84, 91))
+COCO_CATEGORY_IDS = tuple(sorted(COCO_CATEGORY_NAMES))
 """The 80 category ids COCO uses, in detectron2's contiguous order."""
 COCO_NUM_IDS = 91
 _MISSING_CLASS_BIAS = -100.0

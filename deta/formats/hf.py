@@ -81,7 +81,7 @@ _SPLIT_PROJECTIONS = [
      ("query", "key", "value"), "{prefix}qkv.{param}"),
 ]
 
-_RESNETS = {  # HF ResNetConfig (layer_type, depths, hidden_sizes) of the torchvision ResNets we build
+HF_RESNETS = {  # HF ResNetConfig (layer_type, depths, hidden_sizes) of the torchvision ResNets we build
     ("basic", (2, 2, 2, 2), (64, 128, 256, 512)): "resnet18",
     ("basic", (3, 4, 6, 3), (64, 128, 256, 512)): "resnet34",
     ("bottleneck", (3, 4, 6, 3), (256, 512, 1024, 2048)): "resnet50",
@@ -164,7 +164,7 @@ def _backbone_name(backbone: Mapping[str, Any], source: str) -> str:
     kind = backbone.get("model_type")
     if kind == "resnet":
         backbone = {**_RESNET_DEFAULTS, **backbone}
-        name = _RESNETS.get((backbone["layer_type"], tuple(backbone["depths"]), tuple(backbone["hidden_sizes"])))
+        name = HF_RESNETS.get((backbone["layer_type"], tuple(backbone["depths"]), tuple(backbone["hidden_sizes"])))
         if name and backbone["embedding_size"] == 64 and not backbone["downsample_in_bottleneck"] \
                 and not backbone["downsample_in_first_stage"]:
             return name
@@ -175,4 +175,4 @@ def _backbone_name(backbone: Mapping[str, Any], source: str) -> str:
                                                    for key, value in variant.items() if key in _SWIN_DEFAULTS):
                 return name
     raise InputError(f"{source}: its backbone_config ({kind}) is none of the backbones we build: torchvision's "
-                     f"{', '.join(_RESNETS.values())} or {', '.join(SWIN_VARIANTS)} (timm)")
+                     f"{', '.join(HF_RESNETS.values())} or {', '.join(SWIN_VARIANTS)} (timm)")

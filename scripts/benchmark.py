@@ -1,0 +1,366 @@
+"""Speed and memory of DETA: inference FPS at batch 1 and 4, training throughput, peak memory.
+
+    python scripts/benchmark.py [--amp] [--device cpu|cuda] [--tiny] [--no_hf] [-- MAIN_PY_FLAGS...]
+
+The model is the R50 5-scale DETA of scripts/r50_5scale_12ep.sh with random weights; main.py flags after
+'--' change it (e.g. -- --official_batching). Inference times the model's forward pass (post-processing
+excluded, as in Deformable DETR's benchmark); training times full steps of main.py's training loop at the
+recipe's 2 images per GPU. `--amp` runs under bf16 autocast, as main.py's --amp does. On CPU the latency
+of one 800x1333 image is measured as well. With transformers 4.57.x installed, HF's DetaForObjectDetection
+of the same configuration runs on the same inputs and the table gives the speed ratio.
+
+Peak memory: on CUDA the most allocated by tensors; on CPU the peak resident memory of the whole process
+(reset before each measurement where Linux allows it). `--tiny` is a seconds-long run of a small model
+on small images, for tests.
+"""
+import argparse
+import contextlib
+import ctypes
+import gc
+import importlib.metadata
+import resource
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+import torch
+from torch import Tensor, nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import deta
+from deta.errors import InputError
+from deta.formats.hf import HF_RESNETS
+from engine import train_one_epoch
+from main import get_args_parser
+from ops.custom_op import compiled_devices
+from training.optim import build_optimizer
+
+if TYPE_CHECKING:
+    from transformers import DetaConfig
+
+# scripts/launch.sh DETA_MODEL and the R50 recipe's assigners, with random weights.
+R50_5SCALE = ["--with_box_refine", "--two_stage", "--num_feature_levels", "5", "--num_queries", "900",
+              "--dim_feedforward", "2048", "--dropout", "0.0", "--cls_loss_coef", "1.0",
+              "--assign_first_stage", "--assign_second_stage", "--pretrained_backbone", "none"]
+# Small enough for seconds on a CPU. HF's two-stage model takes the best 1000 proposals of each image
+# before NMS, so images must give at least 1000 tokens (at strides 8 to 128): 256x320 gives 1706.
+TINY = [*R50_5SCALE, "--backbone", "resnet18", "--enc_layers", "1", "--dec_layers", "1", "--hidden_dim", "64",
+        "--nheads", "2", "--dim_feedforward", "64", "--num_queries", "20"]
+# Defaults by mode: CUDA at the COCO test size; CPU smaller and fewer iterations, to take minutes.
+PRESETS = {
+    "cuda": {"image_size": (800, 1333), "latency_size": None, "warmup": 10, "iters": 20},
+    "cpu": {"image_size": (256, 384), "latency_size": (800, 1333), "warmup": 1, "iters": 1},
+    "tiny": {"image_size": (256, 320), "latency_size": (256, 320), "warmup": 0, "iters": 1},
+}
+HF_VERSION = "4.57."
+TARGETS_PER_IMAGE = 10
+TRAIN_BATCH = 2  # per GPU in the recipe
+
+
+@dataclass(frozen=True)
+class Setting:
+    device: torch.device
+    amp: bool
+    image_size: tuple[int, int]  # of the throughput measurements
+    latency_size: tuple[int, int] | None  # of the one-image latency, if measured
+    warmup: int
+    iters: int
+
+
+@dataclass(frozen=True)
+class Case:
+    """One measurement: inference when `targets` is None, else training steps."""
+    name: str
+    images: Tensor
+    targets: list[dict[str, Tensor]] | None = None
+    latency: bool = False  # one call without warm-up, in seconds, instead of images/s
+
+
+@dataclass(frozen=True)
+class Result:
+    value: float
+    unit: str
+    peak_mib: float
+
+    def __str__(self) -> str:
+        return f"{self.value:.3g} {self.unit}"
+
+
+def make_batch(batch_size: int, size: tuple[int, int], num_classes: int, device: torch.device,
+               seed: int = 0) -> tuple[Tensor, list[dict[str, Tensor]]]:
+    """Normalised random images (B, 3, H, W) and random targets (cxcywh boxes, labels), the same per seed."""
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.randn(batch_size, 3, *size, generator=generator)
+    targets = []
+    for _ in range(batch_size):
+        centres = 0.2 + 0.6 * torch.rand(TARGETS_PER_IMAGE, 2, generator=generator)
+        sides = 0.05 + 0.25 * torch.rand(TARGETS_PER_IMAGE, 2, generator=generator)
+        labels = torch.randint(1, num_classes, (TARGETS_PER_IMAGE,), generator=generator)
+        targets.append({"boxes": torch.cat([centres, sides], 1).to(device), "labels": labels.to(device)})
+    return images.to(device), targets
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    # Linux only (elsewhere the peak counts from the process start): hand memory that earlier cases freed
+    # back to the system, then restart the peak resident size from the current one.
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def _peak_memory_mib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB on Linux
+
+
+def measure(step: Callable[[], object], setting: Setting) -> tuple[float, float]:
+    """Seconds per call of `step` (mean of `iters` after `warmup` calls), and peak memory in MiB meanwhile."""
+    for _ in range(setting.warmup):
+        step()
+    _synchronize(setting.device)
+    _reset_peak_memory(setting.device)
+    start = time.perf_counter()
+    for _ in range(setting.iters):
+        step()
+    _synchronize(setting.device)
+    return (time.perf_counter() - start) / setting.iters, _peak_memory_mib(setting.device)
+
+
+def _autocast(setting: Setting) -> torch.autocast:
+    return torch.autocast(setting.device.type, dtype=torch.bfloat16, enabled=setting.amp)
+
+
+class Runner(Protocol):
+    """How one implementation runs a forward pass and a training step on the shared inputs."""
+    name: str
+
+    def infer(self, images: Tensor) -> None: ...
+
+    def train_step(self, images: Tensor, targets: list[dict[str, Tensor]]) -> None: ...
+
+
+class OursRunner:
+    name = "DETA (ours)"
+
+    def __init__(self, args: argparse.Namespace, setting: Setting) -> None:
+        self.model, self.criterion, _ = deta.build_model(args)
+        self.optimizer = build_optimizer(self.model, args)
+        self.args, self.setting = args, setting
+
+    @torch.no_grad()
+    def infer(self, images: Tensor) -> None:
+        self.model.eval()
+        with _autocast(self.setting):
+            self.model(list(images))
+
+    def train_step(self, images: Tensor, targets: list[dict[str, Tensor]]) -> None:
+        # One-batch epochs of main.py's own loop: loss, NaN guard, clipping and optimizer step included.
+        train_one_epoch(self.model, self.criterion, [(list(images), targets)], self.optimizer, self.setting.device,
+                        0, max_norm=self.args.clip_max_norm, amp=self.setting.amp)
+
+
+def hf_config(args: argparse.Namespace, num_classes: int) -> "DetaConfig":
+    """transformers' DetaConfig of the model that `args` describe (ResNet backbones only)."""
+    from transformers import DetaConfig, ResNetConfig
+
+    resnets = {name: key for key, name in HF_RESNETS.items()}
+    if args.backbone not in resnets or args.dilation:
+        raise InputError(f"--backbone {args.backbone}{' --dilation' if args.dilation else ''}: the HF comparison "
+                         f"builds {', '.join(resnets)} without dilation; pass --no_hf")
+    layer_type, depths, hidden_sizes = resnets[args.backbone]
+    backbone = ResNetConfig(layer_type=layer_type, depths=list(depths), hidden_sizes=list(hidden_sizes),
+                            out_features=["stage2", "stage3", "stage4"])
+    return DetaConfig(
+        backbone_config=backbone, use_pretrained_backbone=False, d_model=args.hidden_dim,
+        encoder_layers=args.enc_layers, decoder_layers=args.dec_layers, encoder_attention_heads=args.nheads,
+        decoder_attention_heads=args.nheads, encoder_ffn_dim=args.dim_feedforward,
+        decoder_ffn_dim=args.dim_feedforward, dropout=args.dropout, num_queries=args.num_queries,
+        two_stage_num_proposals=args.num_queries, num_feature_levels=args.num_feature_levels,
+        encoder_n_points=args.enc_n_points, decoder_n_points=args.dec_n_points, two_stage=args.two_stage,
+        with_box_refine=args.with_box_refine, assign_first_stage=args.assign_first_stage,
+        assign_second_stage=args.assign_second_stage, auxiliary_loss=args.aux_loss, num_labels=num_classes,
+        class_cost=args.set_cost_class, bbox_cost=args.set_cost_bbox, giou_cost=args.set_cost_giou,
+        bbox_loss_coefficient=args.bbox_loss_coef, giou_loss_coefficient=args.giou_loss_coef,
+        focal_alpha=args.focal_alpha)
+
+
+class HFRunner:
+    name = "HF DETA"
+
+    def __init__(self, args: argparse.Namespace, setting: Setting) -> None:
+        from transformers import DetaForObjectDetection
+
+        self.model = DetaForObjectDetection(hf_config(args, deta.COCO_NUM_CLASSES)).to(setting.device)
+        # The same optimizer settings as ours; HF names its backbone parameters differently.
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+        self.args, self.setting = args, setting
+
+    def _forward(self, images: Tensor, labels: list[dict[str, Tensor]] | None = None) -> object:
+        mask = torch.ones(images.shape[0], *images.shape[2:], dtype=torch.long, device=images.device)
+        with _autocast(self.setting):
+            return self.model(pixel_values=images, pixel_mask=mask, labels=labels)
+
+    @torch.no_grad()
+    def infer(self, images: Tensor) -> None:
+        self.model.eval()
+        self._forward(images)
+
+    def train_step(self, images: Tensor, targets: list[dict[str, Tensor]]) -> None:
+        self.model.train()
+        labels = [{"class_labels": t["labels"], "boxes": t["boxes"]} for t in targets]
+        loss = self._forward(images, labels).loss
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(self.model.parameters(), self.args.clip_max_norm)
+        self.optimizer.step()
+
+
+def cases(setting: Setting) -> list[Case]:
+    """The measurements, on inputs that every runner shares."""
+    num_classes = deta.COCO_NUM_CLASSES
+    found = [Case(f"inference, batch {batch}", make_batch(batch, setting.image_size, num_classes, setting.device)[0])
+             for batch in (1, 4)]
+    if setting.latency_size is not None:
+        height, width = setting.latency_size
+        found.append(Case(f"latency, one {height}x{width} image",
+                          make_batch(1, setting.latency_size, num_classes, setting.device)[0], latency=True))
+    # Last: the gradients and optimizer state it leaves would count in the peaks of inference.
+    found.append(Case(f"training, batch {TRAIN_BATCH}",
+                      *make_batch(TRAIN_BATCH, setting.image_size, num_classes, setting.device)))
+    return found
+
+
+def run_case(runner: Runner, case: Case, setting: Setting) -> Result:
+    if case.targets is None:
+        step = lambda: runner.infer(case.images)
+    else:
+        step = lambda: runner.train_step(case.images, case.targets)
+    if case.latency:
+        seconds, peak = measure(step, replace(setting, warmup=0, iters=1))
+        return Result(seconds, "s", peak)
+    seconds, peak = measure(step, setting)
+    return Result(len(case.images) / seconds, "img/s", peak)
+
+
+def run_all(runner_types: list[type[Runner]], args: argparse.Namespace, setting: Setting,
+            measured: list[Case]) -> dict[str, dict[str, Result | str]]:
+    """{runner name: {case name: result, or the error it raised}}, with one model in memory at a time."""
+    results: dict[str, dict[str, Result | str]] = {}
+    for runner_type in runner_types:
+        torch.manual_seed(0)
+        runner = runner_type(args, setting)
+        results[runner.name] = {}
+        for case in measured:
+            try:
+                result: Result | str = run_case(runner, case, setting)
+            except Exception as error:  # e.g. HF's code failing under autocast; the other cases still count
+                result = f"failed: {type(error).__name__}: {str(error).splitlines()[0][:80]}"
+            results[runner.name][case.name] = result
+            memory = f", peak {result.peak_mib:.0f} MiB" if isinstance(result, Result) else ""
+            print(f"  {runner.name}, {case.name}: {result}{memory}", file=sys.stderr, flush=True)
+        del runner
+        gc.collect()
+    return results
+
+
+def table(results: dict[str, dict[str, Result | str]]) -> str:
+    """Markdown table: each runner's value and peak memory per case and, for two runners, ours over HF's speed."""
+    runners = list(results)
+    header = ["measurement", *runners, *(f"{name} peak MiB" for name in runners)]
+    compare = len(runners) == 2
+    if compare:
+        header.append("speed ours / HF")
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for case in results[runners[0]]:
+        cells = [results[name][case] for name in runners]
+        line = [case, *map(str, cells),
+                *(f"{c.peak_mib:.0f}" if isinstance(c, Result) else "" for c in cells)]
+        if compare:
+            ours, hf = cells
+            both = isinstance(ours, Result) and isinstance(hf, Result)
+            # Faster is more images/s, or fewer seconds.
+            ratio = (ours.value / hf.value if ours.unit == "img/s" else hf.value / ours.value) if both else None
+            line.append(f"{ratio:.2f}x" if ratio is not None else "")
+        lines.append("| " + " | ".join(line) + " |")
+    return "\n".join(lines)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpuinfo = Path("/proc/cpuinfo")
+    names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+             if line.startswith("model name")] if cpuinfo.exists() else []
+    return f"{names[0] if names else 'CPU'}, {torch.get_num_threads()} threads"
+
+
+def hf_available() -> str | None:
+    """None when transformers 4.57.x can be used, else why not."""
+    try:
+        version = importlib.metadata.version("transformers")
+    except importlib.metadata.PackageNotFoundError:
+        return "transformers is not installed"
+    return None if version.startswith(HF_VERSION) else f"transformers {version} is installed, not {HF_VERSION}x"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     epilog="main.py flags after '--' change the model")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--amp", action="store_true", help="bf16 autocast")
+    parser.add_argument("--tiny", action="store_true", help="small model and images: a smoke test in seconds")
+    parser.add_argument("--no_hf", action="store_true", help="skip HF's DETA even where transformers is installed")
+    parser.add_argument("--image_size", type=int, nargs=2, metavar=("H", "W"), default=None,
+                        help="images of the throughput measurements (default: 800 1333 on CUDA, 256 384 on CPU)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed iterations (default: 10 CUDA, 1 CPU)")
+    parser.add_argument("--iters", type=int, default=None, help="timed iterations (default: 20 CUDA, 1 CPU)")
+    argv = sys.argv[1:] if argv is None else argv
+    split = argv.index("--") if "--" in argv else len(argv)
+    options = parser.parse_args(argv[:split])
+    try:
+        run(options, argv[split + 1:])
+    except InputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+def run(options: argparse.Namespace, overrides: list[str]) -> None:
+    device = torch.device(options.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda: no CUDA device is visible; pass --device cpu")
+    args = get_args_parser().parse_args([*(TINY if options.tiny else R50_5SCALE), *overrides,
+                                         "--device", device.type])
+    chosen = {key: getattr(options, key) for key in ("warmup", "iters") if getattr(options, key) is not None}
+    if options.image_size:
+        chosen["image_size"] = tuple(options.image_size)
+    setting = Setting(device=device, amp=options.amp, **{**PRESETS["tiny" if options.tiny else device.type], **chosen})
+    runners: list[type[Runner]] = [OursRunner]
+    why_not_hf = "--no_hf" if options.no_hf else hf_available()
+    if why_not_hf is None:
+        hf_config(args, deta.COCO_NUM_CLASSES)  # unsupported flags fail here, before anything is timed
+        runners.append(HFRunner)
+    attention = "compiled deta_ops" if device.type in compiled_devices() else "PyTorch reference"
+    print(f"device: {device_name(device)}; torch {torch.__version__}; {'bf16 autocast' if options.amp else 'fp32'}; "
+          f"images {setting.image_size[0]}x{setting.image_size[1]}; warmup {setting.warmup}, {setting.iters} timed "
+          f"iterations; our deformable attention: {attention}"
+          + ("" if why_not_hf else f"; transformers {importlib.metadata.version('transformers')}")
+          + (f"; HF DETA not measured: {why_not_hf}" if why_not_hf else ""), flush=True)
+    print(table(run_all(runners, args, setting, cases(setting))))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,169 @@
+"""Detect objects in images with a trained DETA; draw them and save them in the COCO results format.
+
+    python scripts/predict.py --resume CKPT IMAGE_OR_DIR... --out DIR [--score_threshold 0.3]
+                              [--names_json ANNOTATIONS.json] [-- MAIN_PY_FLAGS...]
+
+Reads every checkpoint format that main.py reads. The model is the one of the arguments saved in the
+checkpoint; main.py flags after '--' override them (e.g. -- --device cpu --eval_size 600) and are needed
+for a checkpoint that saves none. Images are resized as for evaluation (--eval_size, --max_size).
+
+Writes DIR/NAME.png for each image, with the detections scoring at least the threshold drawn (class
+name and score), DIR/detections.json with the same detections in the COCO results format, and
+DIR/images.json with the image id, file, width and height of each image. Unreadable images are
+reported by name and skipped.
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch import nn
+from torchvision.transforms.v2 import functional as F
+from torchvision.utils import draw_bounding_boxes
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import deta
+from datasets.coco import category_names, load_coco, load_image, prepare_target
+from datasets.transforms import make_transforms
+from deta.checkpoint import load_checkpoint, load_model_weights
+from deta.coco_categories import COCO_CATEGORY_NAMES
+from deta.errors import InputError
+from main import model_args
+from training.coco_eval import coco_detections
+
+# Distinct colours for up to 10 classes at a time; class ids pick one cyclically.
+PALETTE = ((230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),
+           (240, 50, 230), (210, 245, 60), (0, 128, 128), (170, 110, 40))
+
+
+def image_paths(inputs: list[str]) -> list[Path]:
+    """The files named, and the image files (by suffix, sorted) of the folders named."""
+    suffixes = set(Image.registered_extensions())
+    paths = []
+    for text in inputs:
+        path = Path(text)
+        if path.is_dir():
+            paths += sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in suffixes)
+        elif path.is_file():
+            paths.append(path)
+        else:
+            raise InputError(f"{path}: no such file or folder; pass image files or folders of images")
+    if not paths:
+        raise InputError(f"no image files in {', '.join(inputs)}; pass image files or folders of images")
+    return paths
+
+
+def output_names(paths: list[Path]) -> list[str]:
+    """`NAME.png` for each image; two images of the same name would overwrite each other's drawing."""
+    names = [f"{path.stem}.png" for path in paths]
+    seen: dict[str, Path] = {}
+    for name, path in zip(names, paths, strict=True):
+        if name in seen:
+            raise InputError(f"{seen[name]} and {path} would both be drawn to {name}; predict them into "
+                             "separate --out folders")
+        seen[name] = path
+    return names
+
+
+def class_names(checkpoint: dict, names_json: str | None, num_classes: int) -> dict[int, str]:
+    """--names_json's categories, else those saved in the checkpoint, else COCO's for a 91-class head."""
+    if names_json:
+        if not Path(names_json).is_file():
+            raise InputError(f"--names_json: file {names_json} does not exist; pass a COCO-format annotation file")
+        return category_names(load_coco(names_json))
+    if checkpoint.get("category_names"):
+        return checkpoint["category_names"]
+    if num_classes == deta.COCO_NUM_CLASSES:
+        return COCO_CATEGORY_NAMES
+    print(f"note: the checkpoint names none of its {num_classes} classes; labels are drawn as category ids "
+          "(pass --names_json ANNOTATIONS.json for names)", file=sys.stderr)
+    return {}
+
+
+def draw(image: Image.Image, detections: list[dict], names: dict[int, str]) -> Image.Image:
+    """`image` with each detection's box (COCO xywh), class name and score."""
+    if not detections:
+        return image
+    boxes = torch.tensor([d["bbox"] for d in detections])
+    boxes[:, 2:] += boxes[:, :2]
+    labels = [f"{names.get(d['category_id'], d['category_id'])} {d['score']:.2f}" for d in detections]
+    colors = [PALETTE[d["category_id"] % len(PALETTE)] for d in detections]
+    drawn = draw_bounding_boxes(F.pil_to_tensor(image), boxes, labels, colors, width=max(2, min(image.size) // 200),
+                                label_colors="white", fill_labels=True)
+    return F.to_pil_image(drawn)
+
+
+@torch.no_grad()
+def detect(model: nn.Module, postprocess: nn.Module, transform: nn.Module, image: Image.Image,
+           image_id: int) -> list[dict]:
+    """All detections of one image, in the COCO results format, in the image's own pixels."""
+    device = next(model.parameters()).device
+    tensor, target = transform(image, prepare_target([], image_id, image.width, image.height))
+    outputs = model([tensor.to(device)])
+    result = postprocess(outputs, target["orig_size"][None].to(device))[0]
+    return coco_detections(image_id, result)
+
+
+def predict(checkpoint_path: str, inputs: list[str], out_dir: Path, score_threshold: float,
+            names_json: str | None, overrides: list[str]) -> None:
+    """Write the drawings and JSON files into `out_dir`."""
+    paths = image_paths(inputs)
+    drawings = output_names(paths)
+    checkpoint = load_checkpoint(checkpoint_path)
+    args = model_args(checkpoint, checkpoint_path, overrides)
+    model, _, postprocessors = deta.build_model(args)
+    load_model_weights(model, checkpoint["model"])
+    model.eval()
+    names = class_names(checkpoint, names_json, model.class_embed[0].out_features)
+    transform = make_transforms(False, [], args.max_size, args.eval_size, args.bigger)  # evaluation resize
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    images, detections, unreadable = [], [], []
+    progress = tqdm(list(zip(paths, drawings, strict=True)), unit="image")
+    for image_id, (path, drawing) in enumerate(progress, start=1):
+        try:
+            image = load_image(path, fix="skipped")
+        except InputError as err:
+            tqdm.write(f"warning: {err}", file=sys.stderr)
+            unreadable.append(path)
+            continue
+        kept = [d for d in detect(model, postprocessors["bbox"], transform, image, image_id)
+                if d["score"] >= score_threshold]
+        draw(image, kept, names).save(out_dir / drawing)
+        images.append({"id": image_id, "file_name": str(path), "width": image.width, "height": image.height})
+        detections += kept
+    if not images:
+        raise InputError(f"none of the {len(paths)} images could be read")
+    (out_dir / "detections.json").write_text(json.dumps(detections))
+    (out_dir / "images.json").write_text(json.dumps(images, indent=1))
+    print(f"wrote {len(images)} drawings and {len(detections)} detections (score >= {score_threshold}) to {out_dir}"
+          + (f"; skipped {len(unreadable)} unreadable: {', '.join(map(str, unreadable))}" if unreadable else ""))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     epilog="main.py flags after '--' override the checkpoint's model arguments")
+    parser.add_argument("--resume", required=True, help="checkpoint of any supported format")
+    parser.add_argument("images", nargs="+", help="image files or folders of images")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--score_threshold", default=0.3, type=float, help="least score drawn and saved")
+    parser.add_argument("--names_json", default=None,
+                        help="COCO-format annotation file whose categories name the classes (default: the names "
+                             "saved in the checkpoint, else COCO's for 91-class models)")
+    argv = sys.argv[1:] if argv is None else argv
+    split = argv.index("--") if "--" in argv else len(argv)
+    options = parser.parse_intermixed_args(argv[:split])
+    try:
+        predict(options.resume, options.images, Path(options.out), options.score_threshold, options.names_json,
+                argv[split + 1:])
+    except InputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

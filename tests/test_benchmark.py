@@ -1,0 +1,50 @@
+"""scripts/benchmark.py in its tiny CPU mode, and the HF configuration it compares against."""
+import importlib.metadata
+
+import pytest
+import torch
+
+from main import get_args_parser
+from scripts import benchmark
+
+HF = benchmark.hf_available() is None
+
+
+def test_tiny_cpu_run_prints_a_table_of_every_measurement(capsys: pytest.CaptureFixture) -> None:
+    benchmark.main(["--tiny", "--device", "cpu"])
+    out = capsys.readouterr().out
+    header, rule, *rows = out.strip().splitlines()[1:]
+    assert header.startswith("| measurement | DETA (ours) |") and rule.startswith("|---|")
+    assert [row.split(" | ")[0] for row in rows] == ["| inference, batch 1", "| inference, batch 4",
+                                                      "| latency, one 256x320 image", "| training, batch 2"]
+    for row in rows:
+        cells = [cell.strip() for cell in row.strip("| ").split(" | ")]
+        runners = 2 if HF else 1
+        values, memory = cells[1:1 + runners], cells[1 + runners:1 + 2 * runners]
+        assert all(float(value.split()[0]) > 0 for value in values), row  # no runner failed
+        assert all(float(mib) > 0 for mib in memory), row
+        if HF:
+            assert cells[-1].endswith("x") and float(cells[-1][:-1]) > 0
+
+
+@pytest.mark.skipif(not HF, reason="needs transformers 4.57.x")
+def test_hf_config_describes_the_same_model() -> None:
+    # transformers' DetaConfig read back by our HF checkpoint reader gives the arguments it was made from.
+    from deta.formats import hf
+
+    args = get_args_parser().parse_args(benchmark.R50_5SCALE)
+    read_back = hf.model_args(benchmark.hf_config(args, 91).to_dict())
+    assert read_back == {key: getattr(args, key) for key in read_back} | {"num_classes": 91}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is visible")
+def test_cuda_without_a_device_is_an_input_error(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        benchmark.main(["--tiny", "--device", "cuda"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.startswith("error: --device cuda: no CUDA device")
+
+
+def test_missing_transformers_is_reported_not_fatal(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "4.40.0")
+    assert benchmark.hf_available() == "transformers 4.40.0 is installed, not 4.57.x"
