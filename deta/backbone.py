@@ -38,7 +38,9 @@ class FrozenBatchNorm2d(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         scale = self.weight * (self.running_var + self.eps).rsqrt()
         shift = self.bias - self.running_mean * scale
-        return x * scale[None, :, None, None] + shift[None, :, None, None]
+        # In x's dtype: fp32 statistics would turn bf16 activations (autocast) into fp32 ones, which the
+        # next convolution casts back. One fused pass over x instead of a multiply and an add.
+        return torch.addcmul(shift.to(x.dtype)[None, :, None, None], x, scale.to(x.dtype)[None, :, None, None])
 
 
 class ResNetBackbone(nn.Module):
@@ -72,6 +74,11 @@ class ResNetBackbone(nn.Module):
         self.body = IntermediateLayerGetter(resnet, return_layers=return_layers)
 
     def forward(self, images: Tensor) -> list[Tensor]:
+        if images.device.type == "cpu":
+            # oneDNN's CPU convolutions work on channels-last (NHWC) data; given NCHW, each one reorders
+            # its input and output. The feature maps come out channels-last, which also makes their
+            # flattening into tokens a view.
+            images = images.contiguous(memory_format=torch.channels_last)
         return list(self.body(images).values())
 
 

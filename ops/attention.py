@@ -71,20 +71,35 @@ class MSDeformAttn(nn.Module):
         tokens = input_flatten.shape[1]
         value = self.value_proj(input_flatten)
         if padding_mask is not None:
-            value = value.masked_fill(padding_mask[..., None], 0.0)
+            # In place: a linear layer keeps its input, not its output, for the backward pass.
+            value = value.masked_fill_(padding_mask[..., None], 0.0)
         value = value.view(batch, tokens, self.n_heads, self.d_model // self.n_heads)
-        offsets = self.sampling_offsets(query).view(batch, queries, self.n_heads, self.n_levels, self.n_points, 2)
-        weights = self.attention_weights(query).view(batch, queries, self.n_heads, self.n_levels * self.n_points)
-        weights = F.softmax(weights, -1).view(batch, queries, self.n_heads, self.n_levels, self.n_points)
+        # Offsets and attention weights are projections of the same query: one matmul for both. Slices,
+        # not split(), so that the offsets may be updated in place below.
+        n_offsets = self.sampling_offsets.out_features
+        projected = F.linear(query, torch.cat([self.sampling_offsets.weight, self.attention_weights.weight]),
+                             torch.cat([self.sampling_offsets.bias, self.attention_weights.bias]))
+        sample_shape = (batch, queries, self.n_heads, self.n_levels, self.n_points, 2)
         if reference_points.shape[-1] == 2:
-            # Offsets are in pixels of each level.
-            normalizer = spatial_shapes.flip(-1).to(offsets.dtype)
-            locations = reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None]
+            # Offsets are in pixels of each level. The locations are the module's largest tensor (the
+            # encoder's: 28 MB per 800x1333 image), so they are computed in place, in the references'
+            # precision (fp32 under autocast), with the per-level factors laid out along each head's
+            # levels x points x 2 values: broadcasting over a last dimension of 2 runs element by element.
+            locations = projected[..., :n_offsets].view(batch, queries, self.n_heads, -1)
+            locations = locations.to(torch.promote_types(locations.dtype, reference_points.dtype))
+            normalizer = spatial_shapes.flip(-1).to(locations.dtype)[:, None, :].expand(-1, self.n_points, -1)
+            references = reference_points.repeat(1, 1, 1, self.n_points).view(batch, queries, 1, -1)
+            locations = locations.div_(normalizer.reshape(-1)).add_(references).view(sample_shape)
         elif reference_points.shape[-1] == 4:
             # Offsets are in units of half the reference box, spread over the points.
+            offsets = projected[..., :n_offsets].view(sample_shape)
             locations = (reference_points[:, :, None, :, None, :2]
                          + offsets / self.n_points * reference_points[:, :, None, :, None, 2:] * 0.5)
         else:
             raise ValueError(f"reference_points must end in 2 or 4 coordinates, got {reference_points.shape[-1]}")
+        # In the locations' precision, which the kernels read both in (fp32 under autocast, where a bf16
+        # softmax would also be slower).
+        weights = projected[..., n_offsets:].view(batch, queries, self.n_heads, self.n_levels * self.n_points)
+        weights = F.softmax(weights, -1, dtype=locations.dtype).view(sample_shape[:-1])
         output = ms_deform_attn(value, spatial_shapes, level_start_index, locations, weights)
         return self.output_proj(output)

@@ -1,13 +1,15 @@
 """Speed and memory of DETA: inference FPS at batch 1 and 4, training throughput, peak memory.
 
-    python scripts/benchmark.py [--amp] [--device cpu|cuda] [--tiny] [--no_hf] [-- MAIN_PY_FLAGS...]
+    python scripts/benchmark.py [--amp] [--device cpu|cuda] [--tiny] [--no_hf] [--latency_only] [-- MAIN_PY_FLAGS...]
 
 The model is the R50 5-scale DETA of scripts/r50_5scale_12ep.sh with random weights; main.py flags after
 '--' change it (e.g. -- --official_batching). Inference times the model's forward pass (post-processing
 excluded, as in Deformable DETR's benchmark); training times full steps of main.py's training loop at the
 recipe's 2 images per GPU. `--amp` runs under bf16 autocast, as main.py's --amp does. On CPU the latency
-of one 800x1333 image is measured as well. With transformers 4.57.x installed, HF's DetaForObjectDetection
-of the same configuration runs on the same inputs and the table gives the speed ratio.
+of one 800x1333 image is measured as well (one untimed call at that size first); `--latency_only` measures
+only that. With transformers 4.57.x installed, HF's DetaForObjectDetection of the same configuration runs on
+the same inputs and the table gives the speed ratio; with --amp, HF's model runs both under autocast and in
+fp32, and ours is compared with each.
 
 Peak memory: on CUDA the most allocated by tensors; on CPU the peak resident memory of the whole process
 (reset before each measurement where Linux allows it). `--tiny` is a seconds-long run of a small model
@@ -77,7 +79,7 @@ class Case:
     name: str
     images: Tensor
     targets: list[dict[str, Tensor]] | None = None
-    latency: bool = False  # one call without warm-up, in seconds, instead of images/s
+    latency: bool = False  # one call after one warm-up call, in seconds, instead of images/s
 
 
 @dataclass(frozen=True)
@@ -229,15 +231,28 @@ class HFRunner:
         self.optimizer.step()
 
 
-def cases(setting: Setting) -> list[Case]:
-    """The measurements, on inputs that every runner shares."""
+class HFFloat32Runner(HFRunner):
+    """HF's DETA without autocast, next to bf16 runs: the baseline that a bf16 speed-up is quoted against."""
+    name = "HF DETA fp32"
+
+    def __init__(self, args: argparse.Namespace, setting: Setting) -> None:
+        super().__init__(args, replace(setting, amp=False))
+
+
+def cases(setting: Setting, latency_only: bool = False) -> list[Case]:
+    """The measurements, on inputs that every runner shares; only the latency one with `latency_only`."""
     num_classes = deta.COCO_NUM_CLASSES
+    latency_size = setting.latency_size or (setting.image_size if latency_only else None)
+    latency = []
+    if latency_size is not None:
+        height, width = latency_size
+        latency.append(Case(f"latency, one {height}x{width} image",
+                            make_batch(1, latency_size, num_classes, setting.device)[0], latency=True))
+    if latency_only:
+        return latency
     found = [Case(f"inference, batch {batch}", make_batch(batch, setting.image_size, num_classes, setting.device)[0])
              for batch in (1, 4)]
-    if setting.latency_size is not None:
-        height, width = setting.latency_size
-        found.append(Case(f"latency, one {height}x{width} image",
-                          make_batch(1, setting.latency_size, num_classes, setting.device)[0], latency=True))
+    found += latency
     # Last: the gradients and optimizer state it leaves would count in the peaks of inference.
     found.append(Case(f"training, batch {TRAIN_BATCH}",
                       *make_batch(TRAIN_BATCH, setting.image_size, num_classes, setting.device)))
@@ -250,7 +265,7 @@ def run_case(runner: Runner, case: Case, setting: Setting) -> Result:
     else:
         step = lambda: runner.train_step(case.images, case.targets)
     if case.latency:
-        seconds, peak = measure(step, replace(setting, warmup=0, iters=1))
+        seconds, peak = measure(step, replace(setting, warmup=1, iters=1))
         return Result(seconds, "s", peak)
     seconds, peak = measure(step, setting)
     return Result(len(case.images) / seconds, "img/s", peak)
@@ -278,22 +293,19 @@ def run_all(runner_types: list[type[Runner]], args: argparse.Namespace, setting:
 
 
 def table(results: dict[str, dict[str, Result | str]]) -> str:
-    """Markdown table: each runner's value and peak memory per case and, for two runners, ours over HF's speed."""
-    runners = list(results)
-    header = ["measurement", *runners, *(f"{name} peak MiB" for name in runners)]
-    compare = len(runners) == 2
-    if compare:
-        header.append("speed ours / HF")
+    """Markdown table: each runner's value and peak memory per case, and ours (the first) over each other's speed."""
+    ours_name, *others = list(results)
+    header = ["measurement", ours_name, *others, *(f"{name} peak MiB" for name in results),
+              *(f"speed ours / {name}" for name in others)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for case in results[runners[0]]:
-        cells = [results[name][case] for name in runners]
-        line = [case, *map(str, cells),
-                *(f"{c.peak_mib:.0f}" if isinstance(c, Result) else "" for c in cells)]
-        if compare:
-            ours, hf = cells
-            both = isinstance(ours, Result) and isinstance(hf, Result)
+    for case in results[ours_name]:
+        ours, *cells = [results[name][case] for name in results]
+        line = [case, *map(str, [ours, *cells]),
+                *(f"{c.peak_mib:.0f}" if isinstance(c, Result) else "" for c in [ours, *cells])]
+        for other in cells:
+            both = isinstance(ours, Result) and isinstance(other, Result)
             # Faster is more images/s, or fewer seconds.
-            ratio = (ours.value / hf.value if ours.unit == "img/s" else hf.value / ours.value) if both else None
+            ratio = (ours.value / other.value if ours.unit == "img/s" else other.value / ours.value) if both else None
             line.append(f"{ratio:.2f}x" if ratio is not None else "")
         lines.append("| " + " | ".join(line) + " |")
     return "\n".join(lines)
@@ -324,6 +336,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--amp", action="store_true", help="bf16 autocast")
     parser.add_argument("--tiny", action="store_true", help="small model and images: a smoke test in seconds")
     parser.add_argument("--no_hf", action="store_true", help="skip HF's DETA even where transformers is installed")
+    parser.add_argument("--latency_only", action="store_true",
+                        help="only the latency of one 800x1333 image (256x320 with --tiny): a quick comparison")
     parser.add_argument("--image_size", type=int, nargs=2, metavar=("H", "W"), default=None,
                         help="images of the throughput measurements (default: 800 1333 on CUDA, 256 384 on CPU)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed iterations (default: 10 CUDA, 1 CPU)")
@@ -352,14 +366,14 @@ def run(options: argparse.Namespace, overrides: list[str]) -> None:
     why_not_hf = "--no_hf" if options.no_hf else hf_available()
     if why_not_hf is None:
         hf_config(args, deta.COCO_NUM_CLASSES)  # unsupported flags fail here, before anything is timed
-        runners.append(HFRunner)
+        runners += [HFRunner, HFFloat32Runner] if options.amp else [HFRunner]
     attention = "compiled deta_ops" if device.type in compiled_devices() else "PyTorch reference"
     print(f"device: {device_name(device)}; torch {torch.__version__}; {'bf16 autocast' if options.amp else 'fp32'}; "
           f"images {setting.image_size[0]}x{setting.image_size[1]}; warmup {setting.warmup}, {setting.iters} timed "
           f"iterations; our deformable attention: {attention}"
           + ("" if why_not_hf else f"; transformers {importlib.metadata.version('transformers')}")
           + (f"; HF DETA not measured: {why_not_hf}" if why_not_hf else ""), flush=True)
-    print(table(run_all(runners, args, setting, cases(setting))))
+    print(table(run_all(runners, args, setting, cases(setting, options.latency_only))))
 
 
 if __name__ == "__main__":

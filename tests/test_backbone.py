@@ -61,3 +61,8 @@ def test_frozen_batchnorm_matches_batchnorm_in_eval_and_drops_num_batches_tracke
     frozen.load_state_dict(reference.state_dict())
     x = torch.randn(2, 4, 3, 3)
     torch.testing.assert_close(frozen(x), reference(x))
+
+
+def test_frozen_batchnorm_keeps_the_dtype_of_its_input():
+    # Under bf16 autocast, fp32 statistics must not turn the activations back into fp32.
+    assert FrozenBatchNorm2d(4)(torch.randn(1, 4, 2, 2, dtype=torch.bfloat16)).dtype == torch.bfloat16

@@ -102,3 +102,18 @@ def test_gradients_reach_all_trainable_parameters():
     total.backward()
     missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert not missing
+
+
+def test_encoder_feed_forward_in_token_slices_equals_one_pass(monkeypatch: pytest.MonkeyPatch):
+    from deta import transformer
+
+    torch.manual_seed(0)
+    layer = transformer.EncoderLayer(32, 64, 0.0, n_levels=1, n_heads=2, n_points=2).eval()
+    src, pos = torch.randn(2, 50, 32), torch.randn(2, 50, 32)
+    shapes, start = torch.tensor([[5, 10]]), torch.tensor([0])
+    reference_points, padding = torch.rand(2, 50, 1, 2), torch.zeros(2, 50, dtype=torch.bool)
+    with torch.no_grad():
+        whole = layer(src, pos, reference_points, shapes, start, padding)
+        monkeypatch.setattr(transformer, "FFN_SLICE_TOKENS", 16)  # 4 slices, the last one shorter
+        sliced = layer(src, pos, reference_points, shapes, start, padding)
+    torch.testing.assert_close(sliced, whole)
