@@ -44,6 +44,16 @@ inline Sizes check_inputs(const at::Tensor& value, const at::Tensor& spatial_sha
   return s;
 }
 
+// check_inputs for a backward pass, plus grad_output's size: (B, Q, heads * C) in any layout.
+inline Sizes check_backward_inputs(const at::Tensor& grad_output, const at::Tensor& value,
+                                   const at::Tensor& spatial_shapes, const at::Tensor& level_start_index,
+                                   const at::Tensor& sampling_locations, const at::Tensor& attention_weights) {
+  const Sizes s = check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
+  TORCH_CHECK(grad_output.numel() == s.batch * s.queries * s.heads * s.channels, "grad_output must have ",
+              s.batch * s.queries * s.heads * s.channels, " elements, got ", grad_output.sizes());
+  return s;
+}
+
 // One bilinear sample: the token index (within one batch element) of each of its four corners
 // (top-left, top-right, bottom-left, bottom-right), -1 for corners outside the map, and their weights.
 template <typename acc_t>

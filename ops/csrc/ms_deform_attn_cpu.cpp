@@ -302,10 +302,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(const at::Tensor& gr
                                                             const at::Tensor& level_start_index,
                                                             const at::Tensor& sampling_locations,
                                                             const at::Tensor& attention_weights) {
-  const Sizes s = check_inputs(value_in, spatial_shapes, level_start_index, sampling_locations, attention_weights);
-  TORCH_CHECK(grad_output_in.numel() == s.batch * s.queries * s.heads * s.channels,
-              "grad_output must have ", s.batch * s.queries * s.heads * s.channels, " elements, got ",
-              grad_output_in.sizes());
+  const Sizes s = check_backward_inputs(grad_output_in, value_in, spatial_shapes, level_start_index,
+                                        sampling_locations, attention_weights);
   const LevelTable table = make_table(spatial_shapes, level_start_index, s);
   // With many samples per token (the encoder), head-major copies of value and of its gradient pay for
   // themselves: each task's slice becomes contiguous, touching far fewer pages (TLB misses) and sharing

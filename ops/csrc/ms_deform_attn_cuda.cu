@@ -263,10 +263,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(const at::Tensor& g
                                                              const at::Tensor& level_start_index,
                                                              const at::Tensor& sampling_locations,
                                                              const at::Tensor& attention_weights) {
-  const Sizes s = check_inputs(value_in, spatial_shapes, level_start_index, sampling_locations, attention_weights);
-  TORCH_CHECK(grad_output_in.numel() == s.batch * s.queries * s.heads * s.channels,
-              "grad_output must have ", s.batch * s.queries * s.heads * s.channels, " elements, got ",
-              grad_output_in.sizes());
+  const Sizes s = check_backward_inputs(grad_output_in, value_in, spatial_shapes, level_start_index,
+                                        sampling_locations, attention_weights);
   const c10::cuda::CUDAGuard guard(value_in.device());
   const at::Tensor shapes = spatial_shapes.to(value_in.device(), at::kLong).contiguous();
   const at::Tensor starts = level_start_index.to(value_in.device(), at::kLong).contiguous();
