@@ -36,7 +36,10 @@ class EncoderLayer(nn.Module):
         if src.device.type == "cpu":
             # Token by token independent, so run in slices: on CPU, fresh memory for the whole
             # (tokens, d_ffn) hidden layer (180 MB at 800x1333) costs more in page faults than its matmuls.
-            return torch.cat([self._feed_forward(part) for part in src.split(FFN_SLICE_TOKENS, dim=1)], 1)
+            # Slices of the (batch·tokens, C) rows stay contiguous; slices along the token axis of a batch
+            # of several images would not, and linear layers would copy them through a batched matmul.
+            rows = src.flatten(0, 1)
+            return torch.cat([self._feed_forward(part) for part in rows.split(FFN_SLICE_TOKENS)]).view_as(src)
         return self._feed_forward(src)
 
     def _feed_forward(self, src: Tensor) -> Tensor:
@@ -52,7 +55,7 @@ class DecoderLayer(nn.Module):
         self.cross_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points)
         self.dropout1 = nn.Dropout(dropout)
         self.norm1 = nn.LayerNorm(d_model)
-        self.self_attn = nn.MultiheadAttention(d_model, n_heads, dropout=dropout, batch_first=True)
+        self.self_attn = nn.MultiheadAttention(d_model, n_heads, dropout=dropout)
         self.dropout2 = nn.Dropout(dropout)
         self.norm2 = nn.LayerNorm(d_model)
         self.linear1 = nn.Linear(d_model, d_ffn)
@@ -63,8 +66,11 @@ class DecoderLayer(nn.Module):
 
     def forward(self, tgt: Tensor, query_pos: Tensor, reference_points: Tensor, memory: Tensor,
                 spatial_shapes: Tensor, level_start_index: Tensor, padding_mask: Tensor) -> Tensor:
-        q = k = tgt + query_pos
-        attended = self.self_attn(q, k, tgt, need_weights=False)[0]
+        # Sequence-first and contiguous: given batch-first input, MultiheadAttention transposes it, and its
+        # projections of the strided result then run as a batched matmul over copies of the weights.
+        query_key = (tgt + query_pos).transpose(0, 1).contiguous()
+        attended = self.self_attn(query_key, query_key, tgt.transpose(0, 1).contiguous(),
+                                  need_weights=False)[0].transpose(0, 1)
         tgt = self.norm2(tgt + self.dropout2(attended))
         attended = self.cross_attn(tgt + query_pos, reference_points, memory, spatial_shapes, level_start_index,
                                    padding_mask)
