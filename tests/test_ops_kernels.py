@@ -1,8 +1,9 @@
 """The compiled multi-scale deformable attention kernels against the PyTorch reference.
 
 CPU tests always run (the first one JIT-builds the CPU library, cached in ~/.cache/deta_ops). CUDA tests run
-the same checks where a GPU is present and skip otherwise; to run them under the memory checker:
-``compute-sanitizer --tool memcheck python -m pytest tests/test_ops_kernels.py -k cuda``.
+the same checks where a GPU is present and skip otherwise; `bash scripts/gpu_checks.sh` runs them, and again
+under ``compute-sanitizer --tool memcheck``. Without a GPU, test_cuda_emulation.py runs the CUDA kernels'
+code on the CPU.
 """
 from __future__ import annotations
 
