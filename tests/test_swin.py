@@ -109,3 +109,25 @@ def test_a_file_of_other_weights_is_refused(tmp_path, monkeypatch):
     torch.save({"model": {"backbone.0.body.conv1.weight": torch.zeros(64, 3, 7, 7)}}, tmp_path / "r50.pth")
     with pytest.raises(InputError, match=r"r50\.pth: not Swin weights of this size; missing \d+ keys"):
         swin.SwinBackbone("swin", train_backbone=True, pretrained=str(tmp_path / "r50.pth"))
+
+
+def test_swin_trains_through_gradient_checkpointing(backbone, monkeypatch):
+    # The backbone trains with checkpointed stages (recomputed in backward, stochastic depth included):
+    # every parameter gets the gradient that the same step without checkpointing gives.
+    images = torch.randn(2, 3, 64, 96, generator=torch.Generator().manual_seed(0))
+    gradients, block_calls = {}, []
+    block = backbone.body["layers"][2].blocks[0]
+    forward = block.forward  # counted by wrapping: checkpoint's recomputation does not run forward hooks
+    monkeypatch.setattr(block, "forward", lambda x: block_calls.append(1) or forward(x))
+    for checkpointing in (False, True):
+        for stage in backbone.body["layers"]:
+            stage.grad_checkpointing = checkpointing
+        backbone.zero_grad()
+        block_calls.clear()
+        torch.manual_seed(0)  # the same drop-path draws in both runs
+        sum(feature.square().mean() for feature in backbone.train()(images)).backward()
+        gradients[checkpointing] = {name: p.grad.clone() for name, p in backbone.named_parameters()}
+        assert len(block_calls) == (2 if checkpointing else 1)  # recomputed in backward when checkpointed
+    for name, grad in gradients[True].items():
+        assert grad.abs().sum() > 0, f"{name} got no gradient"
+        torch.testing.assert_close(grad, gradients[False][name], rtol=1e-4, atol=1e-6, msg=name)
