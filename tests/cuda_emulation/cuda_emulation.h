@@ -82,7 +82,7 @@ inline std::mutex& atomics_mutex() {
 }  // namespace cuda_emulation
 
 inline thread_local cuda_emulation::Index threadIdx, blockIdx;
-inline cuda_emulation::Index blockDim, gridDim;
+inline cuda_emulation::Index blockDim;
 
 template <typename T>
 T __shfl_xor_sync(unsigned mask, T value, int lane_mask, int width = cuda_emulation::kWarpSize) {
@@ -136,7 +136,6 @@ void launch(unsigned grid, unsigned block, void (*kernel)(Params...), Args... ar
   if (block % kWarpSize != 0) {
     fail("blocks must be whole warps");
   }
-  gridDim.x = grid;
   blockDim.x = block;
   for (unsigned b = 0; b < grid; ++b) {
     for (unsigned first = 0; first < block; first += kWarpSize) {
