@@ -54,6 +54,8 @@ class ResNetBackbone(nn.Module):
         super().__init__()
         if name not in RESNET_WEIGHTS:
             raise InputError(f"--backbone {name}: expected one of {', '.join(RESNET_WEIGHTS)}, swin_large (or swin)")
+        if dilation and name in ("resnet18", "resnet34"):
+            raise InputError(f"--dilation: {name}'s basic blocks cannot be dilated; use resnet50 or resnet101")
         resnet = getattr(torchvision.models, name)(
             weights=None, replace_stride_with_dilation=[False, False, dilation], norm_layer=FrozenBatchNorm2d)
         for param_name, param in resnet.named_parameters():

@@ -9,23 +9,25 @@ import json
 import os
 import re
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file as load_safetensors
+from safetensors.torch import save as safetensors_bytes
 from torch import Tensor, nn
 
 from .errors import InputError
 from .formats import SOURCE_FORMATS, TARGET_FORMATS, detect_format, from_ours, to_ours
+from .formats.hf import category_names as hf_category_names
 from .formats.hf import model_args as hf_model_args
 from .formats.official import from_official, to_official
 
 __all__ = ["SOURCE_FORMATS", "TARGET_FORMATS", "convert_state_dict", "describe", "detect_format", "from_official",
-           "from_ours", "load_checkpoint", "load_model_weights", "save_atomically", "state_dict_problems",
-           "to_official"]
+           "from_ours", "load_checkpoint", "load_model_weights", "save_atomically", "save_hf_folder",
+           "state_dict_problems", "to_official"]
 
 StateDict = dict[str, Tensor]
 # Files of a HuggingFace model folder, in order of preference.
@@ -65,7 +67,9 @@ def load_checkpoint(path: str | os.PathLike, source_format: str = "auto") -> dic
         converted = {**checkpoint, **converted}
     config = weights.with_name(_HF_CONFIG)
     if source_format == "hf" and config.is_file():
-        converted["args"] = hf_model_args(json.loads(config.read_text()), str(config))
+        hf_config = json.loads(config.read_text())
+        converted["args"] = hf_model_args(hf_config, str(config))
+        converted["category_names"] = hf_category_names(hf_config)
     return converted
 
 
@@ -132,14 +136,16 @@ def load_model_weights(model: nn.Module, state_dict: Mapping[str, Tensor], finet
     return skipped
 
 
-def save_atomically(obj: object, path: str | os.PathLike) -> None:
-    """torch.save through a temporary file in the same folder, so `path` is never half-written."""
+def save_atomically(obj: object, path: str | os.PathLike,
+                    write: Callable[[object, BinaryIO], object] = torch.save) -> None:
+    """write(obj, file) (torch.save by default) through a temporary file in the same folder, so `path` is
+    never half-written."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(handle, "wb") as file:
-            torch.save(obj, file)
+            write(obj, file)
             file.flush()
             os.fsync(file.fileno())
         # mkstemp creates the file private to its owner; give it the permissions of a plain open().
@@ -150,3 +156,16 @@ def save_atomically(obj: object, path: str | os.PathLike) -> None:
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def save_hf_folder(state_dict: Mapping[str, Tensor], config: Mapping[str, Any], folder: str | os.PathLike) -> None:
+    """An HF model folder: model.safetensors and config.json, each written atomically (weights first)."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f"{folder}: an HF model is a folder, and this is a file; choose another output")
+    # safetensors stores no shared memory: the head copies and the split projections get their own.
+    tensors = {key: value.detach().contiguous().clone() for key, value in state_dict.items()}
+    save_atomically(tensors, folder / _HF_WEIGHTS[0],
+                    lambda obj, file: file.write(safetensors_bytes(obj, metadata={"format": "pt"})))
+    save_atomically(config, folder / _HF_CONFIG,
+                    lambda obj, file: file.write(json.dumps(obj, indent=2).encode() + b"\n"))

@@ -1,9 +1,11 @@
 """Convert a DETA checkpoint between formats, checking every tensor against the model it belongs to.
 
-    python scripts/convert_checkpoint.py [--from auto|deta|official|detrex|hf] [--to deta|official|detrex]
+    python scripts/convert_checkpoint.py [--from auto|deta|official|detrex|hf] [--to deta|official|detrex|hf]
         IN OUT [-- MAIN_PY_FLAGS...]
 
-IN is a checkpoint file, or an HF model folder. The architecture comes from the arguments saved
+IN is a checkpoint file, or an HF model folder; with `--to hf`, OUT is a folder that receives
+model.safetensors and config.json (transformers 4.x `DetaForObjectDetection.from_pretrained` loads it;
+class names saved in the checkpoint become id2label). The architecture comes from the arguments saved
 with the checkpoint (official: its argparse Namespace; ours: main.py's; HF: config.json beside the
 weights); main.py flags after `--` override them, and are required where there are none (detrex).
 Nothing is written unless every key maps and every shape fits. docs/MODEL_ZOO.md gives the
@@ -23,9 +25,11 @@ from deta.checkpoint import (
     from_ours,
     load_checkpoint,
     save_atomically,
+    save_hf_folder,
     state_dict_problems,
 )
 from deta.errors import InputError
+from deta.formats.hf import config_json
 from main import model_args
 
 
@@ -37,6 +41,11 @@ def convert(source: str, target: str, source_format: str, target_format: str, ov
     problems = state_dict_problems(model, checkpoint["model"])
     if problems:
         raise InputError(f"checkpoint {source} does not fit the model of its arguments ({describe(problems, 20)})")
+    if target_format == "hf":  # the config first: it refuses what HF cannot express, before anything is written
+        config = config_json(args, checkpoint.get("category_names"))
+        save_hf_folder(from_ours(checkpoint["model"], "hf", args.two_stage, args.with_box_refine), config, target)
+        print(f"wrote {target}: model.safetensors and config.json (HF format)")
+        return
     state_dict = from_ours(checkpoint["model"], target_format, args.two_stage, args.with_box_refine)
     # detrex files hold the weights alone: its loader would refuse our pickled arguments.
     contents = {"model": state_dict} if target_format == "detrex" else {**checkpoint, "model": state_dict,

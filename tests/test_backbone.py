@@ -66,3 +66,8 @@ def test_frozen_batchnorm_matches_batchnorm_in_eval_and_drops_num_batches_tracke
 def test_frozen_batchnorm_keeps_the_dtype_of_its_input():
     # Under bf16 autocast, fp32 statistics must not turn the activations back into fp32.
     assert FrozenBatchNorm2d(4)(torch.randn(1, 4, 2, 2, dtype=torch.bfloat16)).dtype == torch.bfloat16
+
+
+def test_dilation_of_a_basic_block_resnet_is_a_clear_error():
+    with pytest.raises(InputError, match=r"--dilation: resnet18's basic blocks cannot be dilated; use resnet50"):
+        ResNetBackbone("resnet18", train_backbone=True, multi_scale=True, dilation=True)

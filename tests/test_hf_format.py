@@ -1,20 +1,22 @@
-"""HuggingFace `DetaForObjectDetection` checkpoints → ours, output for output.
+"""HuggingFace `DetaForObjectDetection` checkpoints → ours and back, output for output.
 
 The HF models are built here from configs (no downloads) with transformers 4.57 (requirements-dev.txt),
 filled with `official_fixture.perturbed_state_dict` so that every path carries signal, saved with
 `save_pretrained` and converted by scripts/convert_checkpoint.py, whose arguments come from the
-saved config.json.
+saved config.json. The way back (`--to hf`) is loaded with HF's own `from_pretrained`.
 """
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import deta
 from deta import swin
-from deta.checkpoint import convert_state_dict, detect_format, load_checkpoint, load_model_weights
+from deta.checkpoint import convert_state_dict, detect_format, load_checkpoint, load_model_weights, save_atomically
 from deta.errors import InputError
-from deta.formats.hf import model_args
+from deta.formats.hf import config_json, model_args
+from main import get_args_parser
 from official_fixture import make_images, perturbed_state_dict
 from scripts import convert_checkpoint
 
@@ -163,3 +165,71 @@ def test_hf_swin_large_converts_and_matches(tmp_path, monkeypatch):
     image = torch.nn.functional.interpolate(make_images(0)[0][None], size=(400, 424), mode="bilinear")[0]
     with torch.no_grad():
         _assert_outputs_match(ours([image]), hf_model(pixel_values=image[None]))
+    # and back: the same tensors under HF's Swin names (split query/key/value), the same Swin config.
+    convert_checkpoint.convert(str(tmp_path / "ours.pth"), str(tmp_path / "back"), "deta", "hf", [])
+    back, original = load_file(tmp_path / "back" / "model.safetensors"), hf_model.state_dict()
+    assert back.keys() == original.keys() and all(torch.equal(back[key], original[key]) for key in original)
+    backbone = hf_deta.DetaConfig.from_pretrained(tmp_path / "back").backbone_config
+    assert (backbone.embed_dim, backbone.depths, backbone.num_heads, backbone.window_size) == (192, depths,
+                                                                                              [6, 12, 24, 48], 12)
+
+
+def _our_tiny_checkpoint(path: Path, names: dict[int, str]) -> torch.nn.Module:
+    """Our small DETA with perturbed weights, saved at `path` as main.py saves its checkpoints."""
+    args = get_args_parser().parse_args([
+        "--backbone", "resnet18", "--pretrained_backbone", "none", "--hidden_dim", "64", "--nheads", "4",
+        "--enc_layers", "2", "--dec_layers", "2", "--dim_feedforward", "128", "--dropout", "0", "--num_queries", "40",
+        "--num_feature_levels", "5", "--two_stage", "--with_box_refine", "--assign_first_stage",
+        "--assign_second_stage", "--num_classes", "4", "--device", "cpu"])
+    model, _, _ = deta.build_model(args)
+    state = model.state_dict()
+    state.update(perturbed_state_dict({key: tuple(v.shape) for key, v in state.items() if v.is_floating_point()},
+                                      seed=1))
+    model.load_state_dict(state)
+    save_atomically({"model": state, "args": vars(args), "category_names": names}, path)
+    return model.eval()
+
+
+def test_our_checkpoint_exports_to_a_folder_that_hf_loads_and_runs_alike(tmp_path):
+    names = {1: "circle", 2: "square", 3: "triangle"}
+    ours = _our_tiny_checkpoint(tmp_path / "ours.pth", names)
+    convert_checkpoint.convert(str(tmp_path / "ours.pth"), str(tmp_path / "hf"), "auto", "hf", [])
+    hf_model, loading = hf_deta.DetaForObjectDetection.from_pretrained(tmp_path / "hf", output_loading_info=True)
+    assert not any(loading.values()), loading  # no missing, unexpected or mis-shaped key
+    assert hf_model.config.id2label == {0: "N/A", **names}
+    assert hf_model.config.two_stage_num_proposals == 40
+    with torch.no_grad():
+        for image in make_images(0):
+            _assert_outputs_match(ours([image]), hf_model.eval()(pixel_values=image[None]))
+    # ... and it comes back with its class names.
+    args, _, _ = _ours_from_hf_folder(tmp_path / "hf", tmp_path)
+    assert torch.load(tmp_path / "ours.pth", weights_only=False)["category_names"] == names
+    assert (args.backbone, args.num_queries, args.num_classes) == ("resnet18", 40, 4)
+
+
+def test_hf_to_ours_to_hf_gives_back_the_same_tensors_and_config(tiny_hf, tmp_path):
+    hf_model, folder = tiny_hf
+    convert_checkpoint.convert(str(folder), str(tmp_path / "ours.pth"), "hf", "deta", [])
+    convert_checkpoint.convert(str(tmp_path / "ours.pth"), str(tmp_path / "back"), "deta", "hf", [])
+    original, back = hf_model.state_dict(), load_file(tmp_path / "back" / "model.safetensors")
+    assert back.keys() == original.keys()
+    assert all(torch.equal(back[key], original[key]) for key in original)
+    config, original_config = (hf_deta.DetaConfig.from_pretrained(path) for path in (tmp_path / "back", folder))
+    for key in ("d_model", "encoder_layers", "decoder_layers", "encoder_ffn_dim", "decoder_ffn_dim",
+                "encoder_attention_heads", "num_feature_levels", "two_stage", "with_box_refine",
+                "two_stage_num_proposals", "assign_first_stage", "assign_second_stage", "num_labels"):
+        assert getattr(config, key) == getattr(original_config, key), key
+    assert config.backbone_config.to_dict() == original_config.backbone_config.to_dict()
+
+
+def test_what_hf_cannot_express_is_refused_before_writing(tmp_path):
+    _our_tiny_checkpoint(tmp_path / "ours.pth", {})
+    with pytest.raises(InputError, match=r"HF's DETA cannot express --position_embedding_scale 3\.0 \(HF's is 2π\)"):
+        convert_checkpoint.convert(str(tmp_path / "ours.pth"), str(tmp_path / "hf"), "deta", "hf",
+                                   ["--position_embedding_scale", "3.0"])
+    assert not (tmp_path / "hf").exists()
+    args = get_args_parser().parse_args(["--backbone", "resnet50", "--dilation", "--num_feature_levels", "1"])
+    with pytest.raises(InputError, match=r"cannot express --dilation .*; --num_feature_levels 1"):
+        config_json(args)
+    with pytest.raises(InputError, match=r"--backbone resnet152: HF's DETA has no such backbone"):
+        config_json(get_args_parser().parse_args(["--backbone", "resnet152"]))

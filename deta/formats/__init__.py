@@ -5,12 +5,12 @@ from torch import Tensor
 
 from ..errors import InputError
 from .detrex import from_detrex, is_detrex, to_detrex
-from .hf import from_hf, is_hf
+from .hf import from_hf, is_hf, to_hf
 from .official import from_official, is_official, to_official
 from .rules import StateDict
 
 _READERS = {"deta": dict, "official": from_official, "detrex": from_detrex, "hf": from_hf}
-_WRITERS = {"official": to_official, "detrex": to_detrex}
+_WRITERS = {"official": to_official, "detrex": to_detrex, "hf": to_hf}
 SOURCE_FORMATS = tuple(_READERS)
 TARGET_FORMATS = ("deta", *_WRITERS)
 

@@ -9,6 +9,7 @@ Besides names, HF differs in three ways that matter here:
   takes the proposal count: outputs then match HF's.
 - its class head may have any size (91 COCO category ids for the COCO models, 366 for Objects365).
 """
+import math
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -17,8 +18,8 @@ import torch
 from torch import Tensor
 
 from ..errors import InputError
-from ..swin import SWIN_VARIANTS
-from .head_copies import drop_head_copies
+from ..swin import SWIN_ALIASES, SWIN_VARIANTS, is_swin
+from .head_copies import add_head_copies, drop_head_copies
 from .rules import RuleTable, StateDict
 
 COPY_PREFIX = "model.decoder."
@@ -73,14 +74,26 @@ RULES = RuleTable([
     ("bbox_embed.*", "bbox_embed.*"),
 ])
 
-# (split keys, their part names in our concatenation order, the fused key's name)
-_SPLIT_PROJECTIONS = [
-    (re.compile(r"(?P<prefix>.*\.self_attn\.)(?P<part>q|k|v)_proj\.(?P<param>weight|bias)"), ("q", "k", "v"),
-     "{prefix}in_proj_{param}"),
-    (re.compile(r"(?P<prefix>.*\.attention\.self\.)(?P<part>query|key|value)\.(?P<param>weight|bias)"),
-     ("query", "key", "value"), "{prefix}qkv.{param}"),
+# Projections HF splits and we fuse: (where they live, HF's parts in our concatenation order, HF's key of a
+# part, our fused key), in `{prefix}`/`{part}`/`{param}` templates that read keys in both directions.
+_PROJECTIONS = [
+    (r".*\.self_attn\.", ("q", "k", "v"), "{part}_proj.{param}", "in_proj_{param}"),
+    (r".*\.attention\.self\.", ("query", "key", "value"), "{part}.{param}", "qkv.{param}"),
 ]
 
+
+def _key_pattern(prefix: str, template: str, parts: tuple[str, ...]) -> re.Pattern:
+    fields = {"part": "|".join(parts), "param": "weight|bias"}
+    pattern = re.escape(template)
+    for field, choices in fields.items():
+        pattern = pattern.replace(re.escape(f"{{{field}}}"), f"(?P<{field}>{choices})")
+    return re.compile(f"(?P<prefix>{prefix}){pattern}")
+
+
+_SPLIT_KEYS = [(_key_pattern(prefix, split, parts), parts, fused) for prefix, parts, split, fused in _PROJECTIONS]
+_FUSED_KEYS = [(_key_pattern(prefix, fused, parts), parts, split) for prefix, parts, split, fused in _PROJECTIONS]
+
+_NO_NAME = "N/A"  # HF's label of class indices without a category, as in its COCO configs
 HF_RESNETS = {  # HF ResNetConfig (layer_type, depths, hidden_sizes) of the torchvision ResNets we build
     ("basic", (2, 2, 2, 2), (64, 128, 256, 512)): "resnet18",
     ("basic", (3, 4, 6, 3), (64, 128, 256, 512)): "resnet34",
@@ -113,13 +126,13 @@ def _fuse_projections(state_dict: Mapping[str, Tensor], source: str) -> StateDic
     fused: StateDict = {}
     groups: dict[str, tuple[tuple[str, ...], dict[str, Tensor]]] = {}
     for key, value in state_dict.items():
-        split = next(((found, parts, target) for pattern, parts, target in _SPLIT_PROJECTIONS
+        split = next(((found, parts, target) for pattern, parts, target in _SPLIT_KEYS
                       if (found := pattern.fullmatch(key))), None)
         if split is None:
             fused[key] = value
             continue
         found, parts, target = split
-        name = target.format(prefix=found["prefix"], param=found["param"])
+        name = found["prefix"] + target.format(param=found["param"])
         groups.setdefault(name, (parts, {}))[1][found["part"]] = value
         fused.setdefault(name, value)  # a placeholder, so the fused key takes the place of its first part
     for name, (parts, found_parts) in groups.items():
@@ -128,6 +141,26 @@ def _fuse_projections(state_dict: Mapping[str, Tensor], source: str) -> StateDic
             raise InputError(f"{source}: {name} cannot be formed, its {'/'.join(missing)} part is missing")
         fused[name] = torch.cat([found_parts[part] for part in parts])
     return fused
+
+
+def _split_projections(state_dict: Mapping[str, Tensor]) -> StateDict:
+    split: StateDict = {}
+    for key, value in state_dict.items():
+        fused = next(((found, parts, template) for pattern, parts, template in _FUSED_KEYS
+                      if (found := pattern.fullmatch(key))), None)
+        if fused is None:
+            split[key] = value
+            continue
+        found, parts, template = fused
+        for part, chunk in zip(parts, value.chunk(len(parts)), strict=True):
+            split[found["prefix"] + template.format(part=part, param=found["param"])] = chunk.clone()
+    return split
+
+
+def to_hf(state_dict: Mapping[str, Tensor], two_stage: bool, with_box_refine: bool) -> StateDict:
+    """Ours → `DetaForObjectDetection`: HF names, split projections, and the decoder's head copies."""
+    renamed = RULES.rename(state_dict, to_ours=False, source="our checkpoint")
+    return add_head_copies(_split_projections(renamed), COPY_PREFIX, two_stage, with_box_refine)
 
 
 def model_args(config: Mapping[str, Any], source: str = "config.json") -> dict[str, Any]:
@@ -176,3 +209,53 @@ def _backbone_name(backbone: Mapping[str, Any], source: str) -> str:
                 return name
     raise InputError(f"{source}: its backbone_config ({kind}) is none of the backbones we build: torchvision's "
                      f"{', '.join(HF_RESNETS.values())} or {', '.join(SWIN_VARIANTS)} (timm)")
+
+
+def category_names(config: Mapping[str, Any]) -> dict[int, str]:
+    """Class index → name from config.json's id2label, less the "N/A" of unused indices."""
+    return {int(index): name for index, name in config.get("id2label", {}).items() if name != _NO_NAME}
+
+
+def config_json(args: Any, names: Mapping[int, str] | None = None) -> dict[str, Any]:
+    """The config.json of the `DetaForObjectDetection` that runs the model `args` (main.py arguments)
+    describe: the inverse of `model_args`. `names` (class index → name) becomes id2label."""
+    problems = [problem for problem, found in [
+        ("--dilation (HF's backbones have no dilated stage)", getattr(args, "dilation", False)),
+        (f"--position_embedding_scale {args.position_embedding_scale} (HF's is 2π)",
+         not math.isclose(args.position_embedding_scale, 2 * math.pi)),
+        ("--num_feature_levels 1 (HF feeds the decoder three backbone stages)", args.num_feature_levels < 2),
+    ] if found]
+    if problems:
+        raise InputError(f"HF's DETA cannot express {'; '.join(problems)}")
+    num_classes = args.num_classes if args.num_classes is not None else 91
+    names = names or {}
+    return {
+        "model_type": "deta", "architectures": ["DetaForObjectDetection"],
+        "backbone_config": _backbone_config(args.backbone),
+        "d_model": args.hidden_dim, "encoder_layers": args.enc_layers, "decoder_layers": args.dec_layers,
+        "encoder_attention_heads": args.nheads, "decoder_attention_heads": args.nheads,
+        "encoder_ffn_dim": args.dim_feedforward, "decoder_ffn_dim": args.dim_feedforward, "dropout": args.dropout,
+        "num_feature_levels": args.num_feature_levels,
+        "encoder_n_points": args.enc_n_points, "decoder_n_points": args.dec_n_points,
+        "two_stage": args.two_stage, "with_box_refine": args.with_box_refine,
+        "assign_first_stage": args.assign_first_stage, "assign_second_stage": args.assign_second_stage,
+        # Our decoder runs num_queries queries, which in HF's two-stage model is two_stage_num_proposals.
+        "num_queries": args.num_queries, "two_stage_num_proposals": args.num_queries,
+        "id2label": {str(index): str(names.get(index, _NO_NAME)) for index in range(num_classes)},
+    }
+
+
+def _backbone_config(backbone: str) -> dict[str, Any]:
+    stages = {"out_features": ["stage2", "stage3", "stage4"]}
+    resnets = {name: key for key, name in HF_RESNETS.items()}
+    if backbone in resnets:
+        layer_type, depths, hidden_sizes = resnets[backbone]
+        return {"model_type": "resnet", "layer_type": layer_type, "depths": list(depths),
+                "hidden_sizes": list(hidden_sizes), "embedding_size": 64, "downsample_in_first_stage": False,
+                "downsample_in_bottleneck": False, **stages}
+    if is_swin(backbone):
+        variant = SWIN_VARIANTS[SWIN_ALIASES.get(backbone, backbone)]
+        return {"model_type": "swin", "patch_size": 4, **{key: list(value) if isinstance(value, tuple) else value
+                                                          for key, value in variant.items() if key != "model_name"},
+                **stages}
+    raise InputError(f"--backbone {backbone}: HF's DETA has no such backbone")
