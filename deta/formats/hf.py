@@ -122,12 +122,18 @@ def from_hf(state_dict: Mapping[str, Tensor], source: str = "HF checkpoint") -> 
     return RULES.rename(fused, to_ours=True, source=source)
 
 
+def _match(key: str, table: list[tuple[re.Pattern, tuple[str, ...], str]]
+           ) -> tuple[re.Match, tuple[str, ...], str] | None:
+    """(match, parts, the other side's template) of the first pattern in `table` that reads `key`."""
+    return next(((found, parts, template) for pattern, parts, template in table
+                 if (found := pattern.fullmatch(key))), None)
+
+
 def _fuse_projections(state_dict: Mapping[str, Tensor], source: str) -> StateDict:
     fused: StateDict = {}
     groups: dict[str, tuple[tuple[str, ...], dict[str, Tensor]]] = {}
     for key, value in state_dict.items():
-        split = next(((found, parts, target) for pattern, parts, target in _SPLIT_KEYS
-                      if (found := pattern.fullmatch(key))), None)
+        split = _match(key, _SPLIT_KEYS)
         if split is None:
             fused[key] = value
             continue
@@ -146,8 +152,7 @@ def _fuse_projections(state_dict: Mapping[str, Tensor], source: str) -> StateDic
 def _split_projections(state_dict: Mapping[str, Tensor]) -> StateDict:
     split: StateDict = {}
     for key, value in state_dict.items():
-        fused = next(((found, parts, template) for pattern, parts, template in _FUSED_KEYS
-                      if (found := pattern.fullmatch(key))), None)
+        fused = _match(key, _FUSED_KEYS)
         if fused is None:
             split[key] = value
             continue
