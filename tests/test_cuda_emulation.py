@@ -125,13 +125,21 @@ def report(stderr: str) -> str:
 
 @pytest.fixture(scope="module")
 def emulated(tmp_path_factory) -> dict[str, object]:
-    """Every case's output and gradients from the emulated kernels, and warp sums of WARP_VALUES for a few
-    segment widths, computed in one sanitized process."""
+    """Every case's output and gradients from the emulated kernels, warp sums of WARP_VALUES for a few
+    segment widths, and the error of a backward pass given grad_output on another device, computed in one
+    sanitized process."""
     results = tmp_path_factory.mktemp("emulation") / "results.pt"
     process = run_sanitized(f"""
         import torch
+        inputs = CASES["float32 deta"]()
+        try:  # checked before any memory is read
+            module.backward(torch.empty(2, 6, 256, device="meta"), *inputs)
+            device_error = None
+        except RuntimeError as error:
+            device_error = str(error)
         torch.save({{"cases": {{name: emulated_forward_and_grads(module, case()) for name, case in CASES.items()}},
-                    "warp_sums": {{width: module.warp_sum(WARP_VALUES, 0xFFFFFFFF, width) for width in WIDTHS}}}},
+                    "warp_sums": {{width: module.warp_sum(WARP_VALUES, 0xFFFFFFFF, width) for width in WIDTHS}},
+                    "device_error": device_error}},
                    {str(results)!r})
     """)
     assert process.returncode == 0, report(process.stderr)
@@ -149,6 +157,11 @@ def test_emulated_cuda_kernels_match_the_reference(emulated, case):
         assert not actual[1].any()
     else:
         assert_close_to(actual, expected, TOLERANCE[inputs[0].dtype])
+
+
+def test_grad_output_on_another_device_is_refused(emulated):
+    # On a GPU, a host pointer read by the kernel would be an illegal access that poisons the context.
+    assert "grad_output is on meta, value on cpu" in emulated["device_error"]
 
 
 @pytest.mark.parametrize(("code", "message"), ids=["level past the end", "shuffle mask"], argvalues=[

@@ -51,6 +51,8 @@ inline Sizes check_backward_inputs(const at::Tensor& grad_output, const at::Tens
   const Sizes s = check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
   TORCH_CHECK(grad_output.numel() == s.batch * s.queries * s.heads * s.channels, "grad_output must have ",
               s.batch * s.queries * s.heads * s.channels, " elements, got ", grad_output.sizes());
+  TORCH_CHECK(grad_output.device() == value.device(), "grad_output is on ", grad_output.device(), ", value on ",
+              value.device());
   return s;
 }
 

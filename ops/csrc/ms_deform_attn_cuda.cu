@@ -1,4 +1,5 @@
 // The CUDA registration of deta_ops: the kernels and their host code are in ms_deform_attn_cuda_kernels.cuh.
+#include <ATen/Context.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -35,6 +36,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(const at::Tensor& g
   const Sizes s = check_backward_inputs(grad_output, value, spatial_shapes, level_start_index, sampling_locations,
                                         attention_weights);
   const c10::cuda::CUDAGuard guard(value.device());
+  // Float atomics add the value gradient in a run-dependent order.
+  at::globalContext().alertNotDeterministic("deta_ops::ms_deform_attn_backward (CUDA)");
   return cuda_kernels::backward(CudaLauncher{}, s, grad_output, value, spatial_shapes, level_start_index,
                                 sampling_locations, attention_weights);
 }

@@ -23,7 +23,7 @@
 #define __global__
 #define __device__
 #define __forceinline__ inline
-#define __launch_bounds__(threads)
+#define __launch_bounds__(...)
 #define DETA_VECTOR_ATOMICS 1  // emulate sm_90, whose float4 atomics the kernels use
 
 namespace cuda_emulation {
