@@ -30,6 +30,10 @@ def ms_deform_attn(
     """Multi-scale deformable attention; see `ms_deform_attn_pytorch` for shapes and conventions.
 
     Runs the compiled CPU or CUDA kernel when one is available for value's device, else the reference.
+    Levels must lie inside value: the CPU kernel raises otherwise, while the CUDA kernel, which reads the
+    shapes on the device to avoid a host synchronisation, stops with a device-side assert (as PyTorch's own
+    indexing kernels do), after which the process's CUDA context is unusable. Its backward pass adds value
+    gradients with atomics, so it is not bitwise deterministic (`torch.use_deterministic_algorithms` says so).
     """
     if value.is_floating_point() and _use_compiled(value.device.type):
         return torch.ops.deta_ops.ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations,
