@@ -17,56 +17,15 @@ import zlib
 import torch
 import torch.nn.functional as F
 
-FULL_FLAGS: list[str] = [
-    "--with_box_refine",
-    "--two_stage",
-    "--num_feature_levels",
-    "5",
-    "--num_queries",
-    "900",
-    "--dim_feedforward",
-    "2048",
-    "--dropout",
-    "0.0",
-    "--cls_loss_coef",
-    "1.0",
-    "--assign_first_stage",
-    "--assign_second_stage",
-    "--backbone",
-    "resnet50",
-    "--device",
-    "cpu",
-]
+_DETA_SH_FLAGS = ["--with_box_refine", "--two_stage", "--num_feature_levels", "5", "--dropout", "0.0",
+                  "--cls_loss_coef", "1.0", "--assign_first_stage", "--assign_second_stage", "--backbone", "resnet50",
+                  "--device", "cpu"]
+
+FULL_FLAGS: list[str] = [*_DETA_SH_FLAGS, "--num_queries", "900", "--dim_feedforward", "2048"]
 """Model flags of the official ``configs/deta.sh`` (R50, 900 queries, 6+6 layers, d=256)."""
 
-TINY_FLAGS: list[str] = [
-    "--with_box_refine",
-    "--two_stage",
-    "--num_feature_levels",
-    "5",
-    "--num_queries",
-    "60",
-    "--dim_feedforward",
-    "128",
-    "--dropout",
-    "0.0",
-    "--cls_loss_coef",
-    "1.0",
-    "--assign_first_stage",
-    "--assign_second_stage",
-    "--enc_layers",
-    "2",
-    "--dec_layers",
-    "2",
-    "--hidden_dim",
-    "64",
-    "--nheads",
-    "4",
-    "--backbone",
-    "resnet50",
-    "--device",
-    "cpu",
-]
+TINY_FLAGS: list[str] = [*_DETA_SH_FLAGS, "--num_queries", "60", "--dim_feedforward", "128", "--enc_layers", "2",
+                         "--dec_layers", "2", "--hidden_dim", "64", "--nheads", "4"]
 """A small but complete DETA: same code paths as ``FULL_FLAGS``, 2+2 layers, d=64, 60 queries."""
 
 IMAGE_SIZES: tuple[tuple[int, int], ...] = ((256, 320), (224, 352))
