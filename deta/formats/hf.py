@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .. import COCO_NUM_CLASSES
 from ..errors import InputError
 from ..swin import SWIN_ALIASES, SWIN_VARIANTS, is_swin
 from .head_copies import add_head_copies, drop_head_copies
@@ -158,7 +159,7 @@ def _split_projections(state_dict: Mapping[str, Tensor]) -> StateDict:
             continue
         found, parts, template = fused
         for part, chunk in zip(parts, value.chunk(len(parts)), strict=True):
-            split[found["prefix"] + template.format(part=part, param=found["param"])] = chunk.clone()
+            split[found["prefix"] + template.format(part=part, param=found["param"])] = chunk
     return split
 
 
@@ -232,7 +233,7 @@ def config_json(args: Any, names: Mapping[int, str] | None = None) -> dict[str, 
     ] if found]
     if problems:
         raise InputError(f"HF's DETA cannot express {'; '.join(problems)}")
-    num_classes = args.num_classes if args.num_classes is not None else 91
+    num_classes = args.num_classes if args.num_classes is not None else COCO_NUM_CLASSES
     names = names or {}
     return {
         "model_type": "deta", "architectures": ["DetaForObjectDetection"],
