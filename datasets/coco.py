@@ -15,6 +15,7 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as F
 
+from datasets.images import open_image, to_rgb
 from datasets.transforms import Target, remove_empty_boxes
 from deta.errors import InputError
 
@@ -85,15 +86,6 @@ def check_category_ids(coco: COCO, path: str | Path, num_classes: int | None) ->
                          f"pass --num_classes {max(ids) + 1} or more")
 
 
-def load_image(path: Path, fix: str = "replace the file or drop it from the annotations") -> Image.Image:
-    """The image as RGB; an unreadable file raises InputError naming it and suggesting `fix`."""
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:  # PIL's "unreadable"
-        raise InputError(f"{path}: cannot read image ({err}); {fix}") from err
-
-
 def prepare_target(annotations: list[dict], image_id: int, width: int, height: int) -> Target:
     """Target of one image in pixels: crowd regions dropped, boxes XYXY clamped to the image, empty ones
     dropped (degenerate boxes must never reach the loss)."""
@@ -134,6 +126,6 @@ class CocoDetection(Dataset):
 
     def __getitem__(self, index: int) -> tuple[Tensor, Target]:
         image_id = self.ids[index]
-        image = load_image(self.image_dir / self.coco.imgs[image_id]["file_name"])
+        image = to_rgb(open_image(self.image_dir / self.coco.imgs[image_id]["file_name"]))
         target = prepare_target(self.coco.imgToAnns[image_id], image_id, image.width, image.height)
         return self.transforms(image, target)

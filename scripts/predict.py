@@ -27,7 +27,8 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import deta
-from datasets.coco import category_names, load_coco, load_image, prepare_target
+from datasets.coco import category_names, load_coco, prepare_target
+from datasets.images import read_rgb
 from datasets.transforms import make_transforms
 from deta.checkpoint import load_checkpoint, load_model_weights
 from deta.coco_categories import COCO_CATEGORY_NAMES
@@ -126,7 +127,7 @@ def predict(checkpoint_path: str, inputs: list[str], out_dir: Path, score_thresh
     progress = tqdm(list(zip(paths, drawings, strict=True)), unit="image")
     for image_id, (path, drawing) in enumerate(progress, start=1):
         try:
-            image = load_image(path, fix="skipped")
+            image = read_rgb(path, fix="skipped")
         except InputError as err:
             tqdm.write(f"warning: {err}", file=sys.stderr)
             unreadable.append(path)

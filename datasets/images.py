@@ -1,0 +1,72 @@
+"""Image files as the model reads them: 8-bit RGB, in the orientation their pixels were annotated in.
+
+PIL's `convert("RGB")` is right for most modes but not all: it clips 16-bit samples at 255 (a 16-bit
+PNG turns white) and cannot convert premultiplied alpha. EXIF orientation is a separate question:
+photos from phones store their pixels sideways with a tag saying how to turn them; whether the
+annotations follow the stored or the displayed frame is decided by the caller (`upright`, `orientation`).
+"""
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from deta.errors import InputError
+
+EXIF_ORIENTATION_TAG = 0x0112
+# EXIF orientations 5-8 turn the image by 90 degrees: displayed width and height are the stored ones swapped.
+TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)
+# Integer modes whose samples are 16-bit: I;16* from 16-bit PNG and TIFF, I from older Pillow's 16-bit PNGs.
+_SIXTEEN_BIT_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N")
+_UINT16_TO_UINT8 = 255 / 65535
+
+
+def open_image(path: str | Path, fix: str = "replace the file or drop it from the annotations") -> Image.Image:
+    """The image file at `path`, decoded (first frame); an unreadable file raises InputError naming it and
+    suggesting `fix`."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:  # PIL's "unreadable"
+        raise InputError(f"{path}: cannot read image ({err}); {fix}") from err
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode as 8-bit RGB: 16-bit samples scaled (65535 -> 255), float samples read as [0, 1] when
+    they fit there and as [0, 255] otherwise, alpha dropped, palette, CMYK, YCbCr, LAB and HSV converted."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in _SIXTEEN_BIT_MODES:
+        samples = np.asarray(image, dtype=np.float64) * _UINT16_TO_UINT8
+        return Image.fromarray(samples.round().clip(0, 255).astype(np.uint8)).convert("RGB")
+    if image.mode == "F":
+        samples = np.asarray(image, dtype=np.float64)
+        if np.nanmax(samples, initial=0.0) <= 1.0:
+            samples = samples * 255
+        return Image.fromarray(np.nan_to_num(samples).round().clip(0, 255).astype(np.uint8)).convert("RGB")
+    if image.mode == "La":  # premultiplied alpha has no direct conversion to RGB
+        image = image.convert("LA")
+    return image.convert("RGB")
+
+
+def orientation(image: Image.Image) -> int:
+    """The EXIF orientation (1 = as stored, 2-8 = flipped and/or turned), 1 without a tag."""
+    value = image.getexif().get(EXIF_ORIENTATION_TAG, 1)
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
+def displayed_size(image: Image.Image) -> tuple[int, int]:
+    """(width, height) of the image as EXIF-aware viewers show it."""
+    width, height = image.size
+    return (height, width) if orientation(image) in TRANSPOSING_ORIENTATIONS else (width, height)
+
+
+def upright(image: Image.Image) -> Image.Image:
+    """The image turned as its EXIF orientation says (as viewers and annotation tools show it)."""
+    return ImageOps.exif_transpose(image) if orientation(image) != 1 else image
+
+
+def read_rgb(path: str | Path, fix: str = "replace the file or drop it from the annotations") -> Image.Image:
+    """A photo as viewers show it: EXIF orientation applied, 8-bit RGB (for prediction, where no annotation
+    says otherwise)."""
+    return to_rgb(upright(open_image(path, fix)))
