@@ -27,9 +27,14 @@ from deta.errors import InputError
 from engine import NonFiniteLossError, evaluate, train_one_epoch
 from training.checkpointing import rng_state, save_checkpoint, seed_everything, set_rng_state
 from training.distributed import all_gather_object, cleanup_distributed, get_rank, get_world_size, init_distributed
-from training.optim import build_optimizer
+from training.optim import build_optimizer, group_learning_rates
 
 log = logging.getLogger("main")
+
+BATCHING = ("padded", "per_image")
+# Saved arguments that say how a model ran, not what it is: a checkpoint's model evaluates per image
+# (batch-independent) unless the caller asks otherwise.
+_RUN_ONLY_ARGS = ("device", "eval_batching", "official_batching")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -78,9 +83,15 @@ def get_args_parser() -> argparse.ArgumentParser:
                        help="size of the class head; default: largest category id + 1 of the training "
                             "annotations when training, else 91 (COCO category ids)")
 
+    model.add_argument("--train_batching", default="padded", choices=BATCHING,
+                       help="padded: the batch is padded before the backbone and padding may become proposals, "
+                            "the official computation that DETA's published models were trained with; per_image: "
+                            "each image independent of its batch (ours, not measured on COCO)")
+    model.add_argument("--eval_batching", default="per_image", choices=BATCHING,
+                       help="per_image: detections independent of the batch size, whatever the training mode; "
+                            "padded: the official code's padded evaluation (results depend on the batch)")
     model.add_argument("--official_batching", action="store_true",
-                       help="pad the batch before the backbone and let padded tokens become proposals, as the "
-                            "official code does; outputs then depend on the other images in the batch")
+                       help="padded batches in training and evaluation, as the official code runs")
 
     model.add_argument("--num_detections", default=100, type=int,
                        help="detections kept per image at inference (300 reproduces detrex's non-NMS baseline)")
@@ -135,7 +146,8 @@ def model_args(checkpoint: dict[str, Any], source: str, overrides: list[str]) ->
 
     Official checkpoints save an argparse.Namespace, ours a dict; one that saves none needs the model
     flags in `overrides`, which the scripts take after '--'. The backbone is not initialised from ImageNet
-    (the checkpoint holds its weights), and the device is the overrides' or the default one.
+    (the checkpoint holds its weights); the device and the evaluation batching are the overrides' or the
+    defaults, not those the checkpoint was trained with.
     """
     saved_args = checkpoint.get("args")
     if saved_args is None and not overrides:
@@ -145,7 +157,7 @@ def model_args(checkpoint: dict[str, Any], source: str, overrides: list[str]) ->
     args = parser.parse_args([])
     saved = vars(saved_args) if isinstance(saved_args, argparse.Namespace) else dict(saved_args or {})
     for key, value in saved.items():
-        if hasattr(args, key) and key != "device":  # the machine it was trained on is not this one
+        if hasattr(args, key) and key not in _RUN_ONLY_ARGS:
             setattr(args, key, value)
     args = parser.parse_args(overrides, namespace=args)
     args.pretrained_backbone = "none"
@@ -286,12 +298,43 @@ def _restore_training_state(checkpoint: dict[str, Any], optimizer: torch.optim.O
                                  "pass it as --finetune to start a new run from its weights")
     lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
     args.start_epoch = checkpoint["epoch"] + 1
+    _apply_schedule_flags(optimizer, lr_scheduler, checkpoint, args)
     rng_states = checkpoint.get("rng_states") or []
     if len(rng_states) == get_world_size():
         set_rng_state(rng_states[get_rank()], device)
     else:
         log.warning(f"--resume: the checkpoint has RNG states of {len(rng_states)} process(es), not "
                     f"{get_world_size()}; augmentation and sampling continue from fresh seeds")
+
+
+def _apply_schedule_flags(optimizer: torch.optim.Optimizer, lr_scheduler: torch.optim.lr_scheduler.StepLR,
+                          checkpoint: dict[str, Any], args: argparse.Namespace) -> None:
+    """Learning rates and --lr_drop of this command line over a resumed schedule (to extend a run, as with the
+    official code's `--resume ckpt --epochs 24 --lr_drop 20`); logs what changed.
+
+    The resumed state is kept bit for bit when nothing changed, so that an interrupted run continues exactly.
+    """
+    saved = checkpoint.get("args")
+    saved = vars(saved) if isinstance(saved, argparse.Namespace) else dict(saved or {})
+    if "epochs" in saved and saved["epochs"] != args.epochs:
+        log.info(f"--resume: training to --epochs {args.epochs} (the checkpoint's run planned {saved['epochs']})")
+    initial_lrs = group_learning_rates(args)
+    changes = []
+    if lr_scheduler.step_size != args.lr_drop:
+        changes.append(f"--lr_drop {args.lr_drop} (checkpoint: {lr_scheduler.step_size})")
+    if lr_scheduler.base_lrs != initial_lrs:
+        changes.append(f"initial learning rates {initial_lrs} (checkpoint: {lr_scheduler.base_lrs})")
+    if not changes:
+        return
+    lr_scheduler.step_size = args.lr_drop
+    lr_scheduler.base_lrs = initial_lrs
+    drops = lr_scheduler.last_epoch // args.lr_drop
+    for group, initial_lr in zip(optimizer.param_groups, initial_lrs, strict=True):
+        group["initial_lr"] = initial_lr
+        group["lr"] = initial_lr * lr_scheduler.gamma ** drops
+    lr_scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+    log.info(f"--resume: applying {' and '.join(changes)}; after {lr_scheduler.last_epoch} epochs with "
+             f"{drops} drop(s) the learning rates are now {lr_scheduler._last_lr}")
 
 
 def _log_epoch(output_dir: Path, writer: SummaryWriter, epoch: int, train_stats: dict[str, float],

@@ -40,7 +40,8 @@ def build_model(args: argparse.Namespace) -> tuple[DETA, nn.Module, dict[str, nn
     model = DETA(build_backbone(args), build_transformer(args), num_classes=num_classes,
                  num_queries=args.num_queries, num_feature_levels=args.num_feature_levels, aux_loss=args.aux_loss,
                  with_box_refine=args.with_box_refine, two_stage=args.two_stage,
-                 batch_invariant=not args.official_batching)
+                 pad_in_training=args.official_batching or args.train_batching == "padded",
+                 pad_in_inference=args.official_batching or args.eval_batching == "padded")
     criterion = build_criterion(args, num_classes)
     # Detections kept per image: 100 (official); detrex's non-NMS evaluation keeps 300 (docs/MODEL_ZOO.md).
     postprocess = (NMSPostProcess if args.assign_second_stage else PostProcess)(num_detections=args.num_detections)

@@ -11,15 +11,18 @@ from .transformer import DeformableTransformer
 class DETA(nn.Module):
     """Two-stage Deformable DETR as trained by DETA (and the other Deformable DETR variants).
 
-    `batch_invariant` (default) makes every image's outputs independent of the rest of its batch:
-    the backbone and input projections (whose GroupNorm would see the padding) run on each image at
-    its own size, features are then zero-padded with exact masks, and padded tokens cannot become
-    proposals. With it off, the batch is padded before the backbone, as in the official code.
+    Batches run in one of two ways. Padded (`pad_in_training`, the default in training mode): the
+    batch is zero-padded before the backbone and padded tokens may become proposals, exactly the
+    official computation, which DETA's published models were trained with. Per image (the default in
+    eval mode, `pad_in_inference=False`): the backbone and input projections (whose GroupNorm would see
+    the padding) run on each image at its own size, features are then zero-padded with exact masks, and
+    padded tokens cannot become proposals, so every image's outputs are independent of its batch. A
+    batch of one is the same computation either way.
     """
 
     def __init__(self, backbone: Joiner, transformer: DeformableTransformer, num_classes: int, num_queries: int,
                  num_feature_levels: int, aux_loss: bool = True, with_box_refine: bool = False,
-                 two_stage: bool = False, batch_invariant: bool = True) -> None:
+                 two_stage: bool = False, pad_in_training: bool = True, pad_in_inference: bool = False) -> None:
         super().__init__()
         hidden_dim = transformer.d_model
         self.num_queries = num_queries
@@ -27,7 +30,8 @@ class DETA(nn.Module):
         self.aux_loss = aux_loss
         self.with_box_refine = with_box_refine
         self.two_stage = two_stage
-        self.batch_invariant = batch_invariant
+        self.pad_in_training = pad_in_training
+        self.pad_in_inference = pad_in_inference
         # Registration order equals the official one, so parameter order, and with it the optimizer
         # state of official checkpoints, lines up.
         self.transformer = transformer
@@ -45,12 +49,12 @@ class DETA(nn.Module):
 
     def forward(self, images: list[Tensor]) -> dict:
         """images: normalised 3×H×W tensors, any sizes. Returns the prediction dict (see README)."""
-        if self.batch_invariant:
-            srcs, masks = self._features_per_image(images)
-            candidate_mask = ~torch.cat([mask.flatten(1) for mask in masks], 1)
-        else:
+        if self.pad_in_training if self.training else self.pad_in_inference:
             srcs, masks = self._features_padded(images)
             candidate_mask = None
+        else:
+            srcs, masks = self._features_per_image(images)
+            candidate_mask = ~torch.cat([mask.flatten(1) for mask in masks], 1)
         pos = [self.backbone[1](mask).to(src.dtype) for src, mask in zip(srcs, masks, strict=True)]
         query_embed = None if self.two_stage else self.query_embed.weight
         transformer_out = self.transformer(srcs, masks, pos, query_embed, self.class_embed, self.bbox_embed,

@@ -3,7 +3,7 @@
     python scripts/benchmark.py [--amp] [--device cpu|cuda] [--tiny] [--no_hf] [--latency_only] [-- MAIN_PY_FLAGS...]
 
 The model is the R50 5-scale DETA of scripts/r50_5scale_12ep.sh with random weights; main.py flags after
-'--' change it (e.g. -- --official_batching). Inference times the model's forward pass (post-processing
+'--' change it (e.g. -- --eval_batching padded). Inference times the model's forward pass (post-processing
 excluded, as in Deformable DETR's benchmark); training times full steps of main.py's training loop at the
 recipe's 2 images per GPU. `--amp` runs under bf16 autocast, as main.py's --amp does. On CPU the latency
 of one 800x1333 image is measured as well (one untimed call at that size first); `--latency_only` measures

@@ -8,17 +8,22 @@
 #   MASTER_PORT  free TCP port on node 0                       default 29500
 #   COCO_PATH    COCO root (train2017/, val2017/, annotations/) default ./data/coco
 #   OUTPUT_DIR   checkpoints and logs                          default exps/NAME
+#   PYTHON       interpreter with torch                        default .venv/bin/python (scripts/setup.sh), else python3
 # Relative paths are relative to the current folder (run from the repository root for the defaults).
 # Flags given to the config script come last, so they override the config's.
 
 launch() {
     local name=$1
     shift
+    local repo
+    repo="$(dirname "${BASH_SOURCE[0]}")/.."
+    local python=${PYTHON:-python3}
+    [ -n "${PYTHON:-}" ] || [ ! -x "$repo/.venv/bin/python" ] || python="$repo/.venv/bin/python"
     set -x
-    exec torchrun \
+    exec "$python" -m torch.distributed.run \
         --nnodes="${NNODES:-1}" --node_rank="${NODE_RANK:-0}" --nproc_per_node="${GPUS:-8}" \
         --master_addr="${MASTER_ADDR:-127.0.0.1}" --master_port="${MASTER_PORT:-29500}" \
-        "$(dirname "${BASH_SOURCE[0]}")/../main.py" --coco_path "${COCO_PATH:-./data/coco}" --output_dir "${OUTPUT_DIR:-exps/$name}" "$@"
+        "$repo/main.py" --coco_path "${COCO_PATH:-./data/coco}" --output_dir "${OUTPUT_DIR:-exps/$name}" "$@"
 }
 
 # The model of every DETA config (official configs/*.sh): two-stage Deformable DETR with box refinement,

@@ -78,7 +78,7 @@ def test_tiny_hf_model_converts_and_matches_image_by_image_and_as_a_padded_batch
             _assert_outputs_match(ours([image]), hf_model(pixel_values=image[None]))
 
     # The official batching pads like HF; HF's pixel_mask is 1 on valid pixels.
-    ours.batch_invariant = False
+    ours.pad_in_inference = True
     height, width = (max(sizes) for sizes in zip(*(image.shape[-2:] for image in images), strict=True))
     pixels = torch.zeros(len(images), 3, height, width)
     pixel_mask = torch.zeros(len(images), height, width, dtype=torch.long)

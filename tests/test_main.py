@@ -4,6 +4,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -98,6 +99,57 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(data_flags: list[str],
     log_a = [json.loads(line) for line in (tmp_path / "a" / "log.txt").read_text().splitlines()]
     log_b = [json.loads(line) for line in (tmp_path / "b" / "log.txt").read_text().splitlines()]
     assert [s["epoch"] for s in log_b] == [0, 1] and log_b == log_a
+
+
+def test_resume_applies_a_new_schedule_and_says_so(data_flags: list[str], one_epoch: Path, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture) -> None:
+    """Extending a run as official users do: the learning rate that dropped after epoch 0 (--lr_drop 1) is
+    back at --lr for epoch 1 under --lr_drop 5."""
+    shutil.copy(one_epoch / "checkpoint.pth", tmp_path / "checkpoint.pth")
+    run_main(*TINY, *data_flags, "--epochs", "2", "--lr_drop", "5", "--resume", str(tmp_path / "checkpoint.pth"),
+             "--output_dir", str(tmp_path))
+    out = capsys.readouterr().out
+    assert "--resume: training to --epochs 2 (the checkpoint's run planned 1)" in out
+    assert "--resume: applying --lr_drop 5 (checkpoint: 1); after 1 epochs with 0 drop(s)" in out
+    (line,) = (tmp_path / "log.txt").read_text().splitlines()
+    assert json.loads(line)["epoch"] == 1 and json.loads(line)["train_lr"] == pytest.approx(2e-4)
+    checkpoint = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
+    assert checkpoint["lr_scheduler"]["step_size"] == 5 and checkpoint["args"]["lr_drop"] == 5
+    assert checkpoint["lr_scheduler"]["_last_lr"] == pytest.approx([2e-4, 2e-5, 2e-5])
+
+
+def test_r50_recipe_trains_padded_batches_and_evaluates_alike_at_any_batch_size(
+        data_flags: list[str], tmp_path: Path) -> None:
+    """The acceptance run of the COCO recipe on a tiny COCO root (tiny model flags override the recipe's)."""
+    paths = dict(flag.lstrip("-").split("=", 1) for flag in data_flags)
+    coco = tmp_path / "coco"
+    (coco / "annotations").mkdir(parents=True)
+    for split in ("train", "val"):
+        (coco / f"{split}2017").symlink_to(paths[f"{split}_images"])
+        shutil.copy(paths[f"{split}_json"], coco / "annotations" / f"instances_{split}2017.json")
+    env = {**ENV, "GPUS": "1", "COCO_PATH": str(coco), "OUTPUT_DIR": str(tmp_path / "run"),
+           "MASTER_PORT": str(_free_port())}
+    trained = subprocess.run(["bash", str(REPO / "scripts" / "r50_5scale_12ep.sh"), *TINY, "--epochs", "1"],
+                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert trained.returncode == 0, trained.stdout[-3000:] + trained.stderr[-3000:]
+    checkpoint = torch.load(tmp_path / "run" / "checkpoint.pth", weights_only=True)
+    assert checkpoint["args"]["train_batching"] == "padded" and checkpoint["args"]["eval_batching"] == "per_image"
+    assert checkpoint["args"]["num_queries"] == 20 and checkpoint["args"]["dim_feedforward"] == 64
+
+    stats = []
+    for batch_size in ("1", "2"):
+        out = tmp_path / f"eval_batch{batch_size}"
+        run_main(*TINY, "--coco_path", str(coco), "--eval", "--resume", str(tmp_path / "run" / "checkpoint.pth"),
+                 "--batch_size", batch_size, "--output_dir", str(out))
+        stats.append(json.loads((out / "coco_stats.json").read_text()))
+    assert stats[0]["AP"] > 0
+    assert stats[0] == pytest.approx(stats[1], abs=1e-9)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def test_torchrun_gathers_every_image_once(data_flags: list[str], tmp_path: Path) -> None:

@@ -67,6 +67,24 @@ def test_official_batching_depends_on_the_batch():
     assert (batched["pred_logits"][1] - alone["pred_logits"][0]).abs().max() > 1e-3
 
 
+def test_training_pads_the_batch_as_the_official_code_and_evaluation_does_not():
+    """Default flags: training runs the official padded computation, evaluation each image on its own."""
+    model, _, _ = _build(*DETA_FLAGS, "--dropout", "0.0")
+    padded, _, _ = _build(*DETA_FLAGS, "--dropout", "0.0", "--official_batching")
+    per_image, _, _ = _build(*DETA_FLAGS, "--dropout", "0.0", "--train_batching", "per_image")
+    images = _images()
+    with torch.no_grad():
+        official = padded(images)
+        evaluated = model(images)
+        alone = model([images[1]])
+        trained = model.train()(images)
+        trained_per_image = per_image.train()(images)
+    torch.testing.assert_close(trained["pred_logits"], official["pred_logits"], rtol=0, atol=0)
+    torch.testing.assert_close(evaluated["pred_logits"][1], alone["pred_logits"][0], rtol=0, atol=1e-4)
+    torch.testing.assert_close(trained_per_image["pred_logits"], evaluated["pred_logits"], rtol=0, atol=0)
+    assert (trained["pred_logits"][1] - alone["pred_logits"][0]).abs().max() > 1e-3
+
+
 @pytest.mark.parametrize("flags", [[], ["--with_box_refine"], ["--two_stage"], ["--with_box_refine", "--two_stage"]])
 def test_deformable_detr_variants_run_and_keep_official_head_layout(flags):
     model, _, _ = _build(*flags, "--num_feature_levels", "4")

@@ -56,7 +56,7 @@ def _assert_detections_match(ours: dict, official: dict) -> None:
 
 def test_official_swin_checkpoint_reproduces_the_official_padded_batch(official, monkeypatch):
     expected, model, postprocess = official
-    monkeypatch.setattr(model, "batch_invariant", False)  # = --official_batching
+    monkeypatch.setattr(model, "pad_in_inference", True)  # = --eval_batching padded
     images = make_images(0)
     with torch.no_grad():
         out = model(images)
@@ -71,7 +71,7 @@ def test_official_swin_checkpoint_reproduces_the_official_padded_batch(official,
 
 def test_batch_invariant_swin_gives_each_image_its_official_single_image_output(official):
     expected, model, _ = official
-    assert model.batch_invariant
+    assert not model.pad_in_inference
     with torch.no_grad():
         out = model(make_images(0))
     for index, theirs in enumerate(expected["single_image"]):

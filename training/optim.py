@@ -9,6 +9,11 @@ def _matches(name: str, keywords: list[str]) -> bool:
     return any(keyword in name for keyword in keywords)
 
 
+def group_learning_rates(args: argparse.Namespace) -> list[float]:
+    """Initial learning rates of the three groups of `param_groups`, in their order."""
+    return [args.lr, args.lr_backbone, args.lr * args.lr_linear_proj_mult]
+
+
 def param_groups(model: nn.Module, args: argparse.Namespace) -> list[dict]:
     """[rest at --lr, --lr_backbone_names at --lr_backbone, --lr_linear_proj_names at --lr x mult].
 
@@ -21,11 +26,8 @@ def param_groups(model: nn.Module, args: argparse.Namespace) -> list[dict]:
                    if _matches(name, args.lr_linear_proj_names) and not _matches(name, args.lr_backbone_names)]
     rest = [p for name, p in named
             if not _matches(name, args.lr_backbone_names) and not _matches(name, args.lr_linear_proj_names)]
-    return [
-        {"params": rest, "lr": args.lr},
-        {"params": backbone, "lr": args.lr_backbone},
-        {"params": linear_proj, "lr": args.lr * args.lr_linear_proj_mult},
-    ]
+    return [{"params": params, "lr": lr}
+            for params, lr in zip((rest, backbone, linear_proj), group_learning_rates(args), strict=True)]
 
 
 def build_optimizer(model: nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
