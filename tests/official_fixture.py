@@ -1,9 +1,9 @@
 """Deterministic inputs and weights shared by the official-DETA harness and our parity tests.
 
-The official harness (outside this repo, see ``/work/harness``) builds the official model with
-``TINY_FLAGS`` / ``FULL_FLAGS``, fills it with :func:`perturbed_state_dict`, runs it on
-:func:`make_images` and stores the outputs under ``tests/data/official_*.pt``. Our tests build
-the re-implementation, load the same (converted) weights and compare.
+tests/make_official_fixtures.py builds the official model with ``TINY_FLAGS`` / ``FULL_FLAGS``,
+fills it with :func:`perturbed_state_dict`, runs it on :func:`make_images` and stores the outputs
+under ``tests/data/official_*.pt``. Our tests build the re-implementation, load the same
+(converted) weights and compare.
 
 Nothing here imports official code.
 """
@@ -16,6 +16,7 @@ import zlib
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 _DETA_SH_FLAGS = ["--with_box_refine", "--two_stage", "--num_feature_levels", "5", "--dropout", "0.0",
                   "--cls_loss_coef", "1.0", "--assign_first_stage", "--assign_second_stage", "--backbone", "resnet50",
@@ -117,3 +118,21 @@ def perturbed_state_dict(shapes: dict[str, tuple[int, ...]], seed: int = 0) -> d
         shape = tuple(int(s) for s in shape)
         out[key] = _perturbed_value(name, shape, _generator(name, seed)).to(torch.float32)
     return out
+
+
+def chosen_tokens(init_reference: Tensor, enc_boxes: Tensor) -> Tensor:
+    """(B, Q) token index of each query, from a two-stage model's outputs: init_reference is its enc_boxes
+    gathered at the chosen tokens (the sigmoid of the same values, equal up to the rounding of vectorised and
+    scalar sigmoid).
+
+    Tokens with equal boxes (the +inf boxes of padding and invalid proposals, whose features are equal too)
+    are interchangeable; the first is taken.
+    """
+    distance = (init_reference[:, :, None, :] - enc_boxes[:, None, :, :]).abs().amax(-1)  # (B, Q, S)
+    best = distance.argmin(-1)
+    assert distance.amin(-1).max() < 1e-6, "a query matches no encoder token"
+    best_boxes = torch.gather(enc_boxes, 1, best[..., None].expand(-1, -1, 4))
+    near = distance < 1e-6
+    same_box = (enc_boxes[:, None, :, :] == best_boxes[:, :, None, :]).all(-1)
+    assert not (near & ~same_box).any(), "a query matches two different encoder boxes"
+    return best

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from parity import ImageReference, assert_matches
 from safetensors.torch import load_file
 
 import deta
@@ -16,15 +17,14 @@ from deta import swin
 from deta.checkpoint import convert_state_dict, detect_format, load_checkpoint, load_model_weights, save_atomically
 from deta.errors import InputError
 from deta.formats.hf import config_json, model_args
+from deta.postprocess import NMSPostProcess
 from main import get_args_parser
-from official_fixture import make_images, perturbed_state_dict
+from official_fixture import chosen_tokens, make_images, perturbed_state_dict
 from scripts import convert_checkpoint
 
 hf_deta = pytest.importorskip("transformers.models.deprecated.deta",
                               reason="needs transformers 4.57 (its DETA port), from requirements-dev.txt")
 transformers = pytest.importorskip("transformers")
-
-ATOL = 1e-4
 
 
 def _hf_model(backbone_config, **config) -> torch.nn.Module:
@@ -60,22 +60,41 @@ def _ours_from_hf_folder(folder: Path, tmp_path: Path, *extra: str):
     return checkpoint["args"], model.eval(), postprocess["bbox"]
 
 
-def _assert_outputs_match(ours: dict, hf) -> None:
-    torch.testing.assert_close(ours["pred_logits"], hf.logits, rtol=0, atol=ATOL)
-    torch.testing.assert_close(ours["pred_boxes"], hf.pred_boxes, rtol=0, atol=ATOL)
-    torch.testing.assert_close(ours["init_reference"], hf.init_reference_points, rtol=0, atol=ATOL)
-    torch.testing.assert_close(ours["enc_outputs"]["pred_logits"], hf.enc_outputs_class, rtol=0, atol=ATOL)
+def _hf_references(hf_model: torch.nn.Module, pixel_values: torch.Tensor,
+                   pixel_mask: torch.Tensor | None = None) -> list[ImageReference]:
+    """HF's outputs and detections (its own post-processing) on a batch, as tests/parity.py references."""
+    captured = {}
+
+    def record_shapes(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        captured["spatial_shapes"] = kwargs["spatial_shapes"].tolist()
+
+    hook = hf_model.model.encoder.register_forward_pre_hook(record_shapes, with_kwargs=True)
+    with torch.no_grad():
+        out = hf_model(pixel_values=pixel_values, pixel_mask=pixel_mask)
+    hook.remove()
+    sizes = torch.tensor([pixel_values.shape[-2:]] * len(pixel_values)) if pixel_mask is None else \
+        torch.stack([pixel_mask.any(2).sum(1), pixel_mask.any(1).sum(1)], 1)
+    detections = hf_deta.DetaImageProcessor().post_process_object_detection(out, threshold=-1.0, target_sizes=sizes)
+    enc_boxes = out.enc_outputs_coord_logits.sigmoid()
+    selected = chosen_tokens(out.init_reference_points, enc_boxes)
+    return [ImageReference(captured["spatial_shapes"], out.enc_outputs_class[i, :, 0], enc_boxes[i], selected[i],
+                           out.logits[i], out.pred_boxes[i], detections[i], out.init_reference_points[i])
+            for i in range(len(pixel_values))]
+
+
+def _assert_matches_hf_image_by_image(ours: torch.nn.Module, hf_model: torch.nn.Module,
+                                      images: list[torch.Tensor]) -> None:
+    """Each image alone through HF, and all of them as one batch through ours (default, per-image mode)."""
+    references = [_hf_references(hf_model, image[None])[0] for image in images]
+    assert_matches(ours, images, references, NMSPostProcess())
 
 
 def test_tiny_hf_model_converts_and_matches_image_by_image_and_as_a_padded_batch(tiny_hf, tmp_path):
     hf_model, folder = tiny_hf
     args, ours, postprocess = _ours_from_hf_folder(folder, tmp_path)
     assert (args.num_queries, args.num_classes, args.backbone) == (300, 7, "resnet18")
-
     images = make_images(0)
-    with torch.no_grad():
-        for image in images:
-            _assert_outputs_match(ours([image]), hf_model(pixel_values=image[None]))
+    _assert_matches_hf_image_by_image(ours, hf_model, images)
 
     # The official batching pads like HF; HF's pixel_mask is 1 on valid pixels.
     ours.pad_in_inference = True
@@ -85,17 +104,7 @@ def test_tiny_hf_model_converts_and_matches_image_by_image_and_as_a_padded_batch
     for index, image in enumerate(images):
         pixels[index, :, :image.shape[1], :image.shape[2]] = image
         pixel_mask[index, :image.shape[1], :image.shape[2]] = 1
-    with torch.no_grad():
-        out, hf_out = ours(images), hf_model(pixel_values=pixels, pixel_mask=pixel_mask)
-    _assert_outputs_match(out, hf_out)
-
-    sizes = torch.tensor([list(image.shape[-2:]) for image in images])
-    hf_detections = hf_deta.DetaImageProcessor().post_process_object_detection(hf_out, threshold=-1.0,
-                                                                                target_sizes=sizes)
-    for mine, theirs in zip(postprocess(out, sizes), hf_detections, strict=True):
-        assert torch.equal(mine["labels"], theirs["labels"])
-        torch.testing.assert_close(mine["scores"], theirs["scores"], rtol=0, atol=ATOL)
-        torch.testing.assert_close(mine["boxes"], theirs["boxes"], rtol=0, atol=1e-2)  # pixels
+    assert_matches(ours, images, _hf_references(hf_model, pixels, pixel_mask), postprocess)
 
 
 def test_pytorch_model_bin_and_safetensors_convert_alike(tiny_hf, tmp_path):
@@ -143,9 +152,7 @@ def test_full_size_r50_hf_model_with_900_proposals_matches(tmp_path):
     args, ours, _ = _ours_from_hf_folder(tmp_path / "hf", tmp_path)
     assert (args.backbone, args.hidden_dim, args.enc_layers, args.dec_layers, args.dim_feedforward,
             args.num_feature_levels, args.num_queries, args.num_classes) == ("resnet50", 256, 6, 6, 2048, 5, 900, 91)
-    image = make_images(0)[0]
-    with torch.no_grad():
-        _assert_outputs_match(ours([image]), hf_model(pixel_values=image[None]))
+    _assert_matches_hf_image_by_image(ours, hf_model, make_images(0)[:1])
 
 
 @pytest.mark.slow
@@ -163,8 +170,7 @@ def test_hf_swin_large_converts_and_matches(tmp_path, monkeypatch):
     args, ours, _ = _ours_from_hf_folder(tmp_path / "hf", tmp_path)
     assert args.backbone == "swin_large"
     image = torch.nn.functional.interpolate(make_images(0)[0][None], size=(400, 424), mode="bilinear")[0]
-    with torch.no_grad():
-        _assert_outputs_match(ours([image]), hf_model(pixel_values=image[None]))
+    _assert_matches_hf_image_by_image(ours, hf_model, [image])
     # and back: the same tensors under HF's Swin names (split query/key/value), the same Swin config.
     convert_checkpoint.convert(str(tmp_path / "ours.pth"), str(tmp_path / "back"), "deta", "hf", [])
     back, original = load_file(tmp_path / "back" / "model.safetensors"), hf_model.state_dict()
@@ -198,9 +204,7 @@ def test_our_checkpoint_exports_to_a_folder_that_hf_loads_and_runs_alike(tmp_pat
     assert not any(loading.values()), loading  # no missing, unexpected or mis-shaped key
     assert hf_model.config.id2label == {0: "N/A", **names}
     assert hf_model.config.two_stage_num_proposals == 40
-    with torch.no_grad():
-        for image in make_images(0):
-            _assert_outputs_match(ours([image]), hf_model.eval()(pixel_values=image[None]))
+    _assert_matches_hf_image_by_image(ours, hf_model.eval(), make_images(0))
     # ... and it comes back with its class names.
     args, _, _ = _ours_from_hf_folder(tmp_path / "hf", tmp_path)
     assert torch.load(tmp_path / "ours.pth", weights_only=False)["category_names"] == names

@@ -153,22 +153,22 @@ def _free_port() -> int:
 
 
 def test_torchrun_gathers_every_image_once(data_flags: list[str], tmp_path: Path) -> None:
+    # Batch size 1 and one thread in every process: each image then takes the same float operations under
+    # torchrun as alone, and the results can be compared exactly.
+    flags = [*TINY, *data_flags, "--batch_size", "1"]
     two = tmp_path / "two"
     launcher = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
-    trained = run_script(*TINY, *data_flags, "--epochs", "1", "--output_dir", str(two), launcher=launcher)
+    trained = run_script(*flags, "--epochs", "1", "--output_dir", str(two), launcher=launcher)
     assert trained.returncode == 0, trained.stdout[-3000:] + trained.stderr[-3000:]
     assert len(torch.load(two / "checkpoint.pth", weights_only=True)["rng_states"]) == 2
 
     one = tmp_path / "one"
-    run_main(*TINY, *data_flags, "--eval", "--resume", str(two / "checkpoint.pth"), "--output_dir", str(one))
+    evaluated = run_script(*flags, "--eval", "--resume", str(two / "checkpoint.pth"), "--output_dir", str(one))
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     gathered = json.loads((two / "coco_results.json").read_text())
-    single = json.loads((one / "coco_results.json").read_text())
-    assert len(gathered) == len(single) and {d["image_id"] for d in gathered} == {1, 2, 3}
-    for a, b in zip(gathered, single, strict=True):
-        assert (a["image_id"], a["category_id"]) == (b["image_id"], b["category_id"])
-        assert a["bbox"] == pytest.approx(b["bbox"], abs=1e-3) and a["score"] == pytest.approx(b["score"], abs=1e-5)
-    stats = json.loads((two / "coco_stats.json").read_text())
-    assert stats == pytest.approx(json.loads((one / "coco_stats.json").read_text()), abs=1e-6)
+    assert {d["image_id"] for d in gathered} == {1, 2, 3}
+    assert gathered == json.loads((one / "coco_results.json").read_text())
+    assert json.loads((two / "coco_stats.json").read_text()) == json.loads((one / "coco_stats.json").read_text())
 
 
 def test_eval_of_an_official_checkpoint(data_flags: list[str], one_epoch: Path, tmp_path: Path) -> None:

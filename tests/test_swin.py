@@ -1,14 +1,16 @@
 """Our Swin-L backbone (timm's modules) against the official DETA Swin-L, number for number.
 
-tests/data/official_swin_{shallow,full}.pt come from the official code (its models/swin.py) run on
-CPU by a harness outside this repo, with every float tensor set by `official_fixture.perturbed_state_dict`,
-on the two images of `make_images(0)`. "full" is Swin-L (197M parameters, a slow test); "shallow",
-run by default, has Swin-L's widths, heads, window and key structure with depths (2, 2, 2, 2).
+tests/data/official_swin_{shallow,full}.pt come from the official code (its models/swin.py), run on the CPU
+by tests/make_official_fixtures.py with every float tensor set by `official_fixture.perturbed_state_dict`, on
+the two images of `make_images(0)`, as one padded batch and image by image; tests/parity.py compares. "full"
+is Swin-L (197M parameters, a slow test); "shallow", run by default, has Swin-L's widths, heads, window and key
+structure with depths (2, 2, 2, 2).
 """
 from pathlib import Path
 
 import pytest
 import torch
+from parity import assert_matches, references_from_fixture
 
 import deta
 from deta import swin
@@ -48,35 +50,17 @@ def backbone():
         return swin.SwinBackbone("swin_large", train_backbone=True, pretrained="none")
 
 
-def _assert_detections_match(ours: dict, official: dict) -> None:
-    assert torch.equal(ours["labels"], official["labels"])
-    torch.testing.assert_close(ours["scores"], official["scores"], rtol=0, atol=1e-5)
-    torch.testing.assert_close(ours["boxes"], official["boxes"], rtol=0, atol=1e-3)
-
-
 def test_official_swin_checkpoint_reproduces_the_official_padded_batch(official, monkeypatch):
     expected, model, postprocess = official
     monkeypatch.setattr(model, "pad_in_inference", True)  # = --eval_batching padded
-    images = make_images(0)
-    with torch.no_grad():
-        out = model(images)
-    for key in ("pred_logits", "pred_boxes", "init_reference"):
-        torch.testing.assert_close(out[key], expected[key], rtol=0, atol=1e-4)
-    torch.testing.assert_close(out["enc_outputs"]["pred_logits"][..., 0], expected["enc_pred_logits_objectness"],
-                               rtol=0, atol=1e-4)
-    sizes = torch.tensor([list(image.shape[-2:]) for image in images])
-    for ours, theirs in zip(postprocess(out, sizes), expected["detections"], strict=True):
-        _assert_detections_match(ours, theirs)
+    assert_matches(model, make_images(0), references_from_fixture(expected["padded"]), postprocess)
 
 
-def test_batch_invariant_swin_gives_each_image_its_official_single_image_output(official):
-    expected, model, _ = official
+def test_default_mode_swin_gives_each_image_its_official_single_image_output(official):
+    expected, model, postprocess = official
     assert not model.pad_in_inference
-    with torch.no_grad():
-        out = model(make_images(0))
-    for index, theirs in enumerate(expected["single_image"]):
-        torch.testing.assert_close(out["pred_logits"][index], theirs["pred_logits"], rtol=0, atol=1e-4)
-        torch.testing.assert_close(out["pred_boxes"][index], theirs["pred_boxes"], rtol=0, atol=1e-4)
+    references = [references_from_fixture(alone)[0] for alone in expected["single_image"]]
+    assert_matches(model, make_images(0), references, postprocess)
 
 
 def test_swin_large_is_timm_swin_large_patch4_window12_384_with_three_outputs(backbone):
