@@ -1,6 +1,7 @@
 """Speed and memory of DETA: inference FPS at batch 1 and 4, training throughput, peak memory.
 
-    python scripts/benchmark.py [--amp] [--device cpu|cuda] [--tiny] [--no_hf] [--latency_only] [-- MAIN_PY_FLAGS...]
+    python scripts/benchmark.py [--amp] [--device cpu|cuda] [--tiny] [--no_hf] [--latency_only | --scaling]
+                                [-- MAIN_PY_FLAGS...]
 
 The model is the R50 5-scale DETA of scripts/r50_5scale_12ep.sh with random weights; main.py flags after
 '--' change it (e.g. -- --eval_batching padded). Inference times the model's forward pass (post-processing
@@ -11,6 +12,12 @@ only that. With transformers 4.57.x installed, HF's DetaForObjectDetection of th
 the same inputs and the table gives the speed ratio; with --amp, HF's model runs both under autocast and in
 fp32, and ours is compared with each.
 
+Every latency of ours comes with the machine's floor, measured in the same process: the model's FLOPs
+(torch's FlopCounterMode, during the untimed call) over this machine's matmul rate in the precision that
+runs (fp32, or bf16 with --amp), and the share of that floor the latency reaches; on CPU one more call,
+with its matmuls and convolutions timed, gives the time spent outside them. `--scaling` measures only our
+latency and peak memory at 512x512, 800x1333 and the Swin recipe's 1200x2000, at batch 1, 2 and 4.
+
 Peak memory: on CUDA the most allocated by tensors; on CPU the peak resident memory of the whole process
 (reset before each measurement where Linux allows it). `--tiny` is a seconds-long run of a small model
 on small images, for tests.
@@ -20,6 +27,7 @@ import contextlib
 import ctypes
 import gc
 import importlib.metadata
+import math
 import resource
 import sys
 import time
@@ -30,6 +38,8 @@ from typing import TYPE_CHECKING, Protocol
 
 import torch
 from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -58,6 +68,9 @@ PRESETS = {
     "cpu": {"image_size": (256, 384), "latency_size": (800, 1333), "warmup": 1, "iters": 1},
     "tiny": {"image_size": (256, 320), "latency_size": (256, 320), "warmup": 0, "iters": 1},
 }
+# --scaling: a square image, the COCO test size and the Swin recipe's --bigger one; batches up to 4.
+SCALING_SIZES = ((512, 512), (800, 1333), (1200, 2000))
+SCALING_BATCHES = (1, 2, 4)
 HF_VERSION = "4.57."
 TARGETS_PER_IMAGE = 10
 TRAIN_BATCH = 2  # per GPU in the recipe
@@ -87,6 +100,8 @@ class Result:
     value: float
     unit: str
     peak_mib: float
+    gflop: float | None = None  # of one call, where counted
+    outside_matmul_s: float | None = None  # of one profiled call, where profiled
 
     def __str__(self) -> str:
         return f"{self.value:.3g} {self.unit}"
@@ -157,6 +172,7 @@ class Runner(Protocol):
 
 class OursRunner:
     name = "DETA (ours)"
+    measures_floor = True  # its latencies come with FLOPs and the time outside matmuls
 
     def __init__(self, args: argparse.Namespace, setting: Setting) -> None:
         self.model, self.criterion, _ = deta.build_model(args)
@@ -239,6 +255,17 @@ class HFFloat32Runner(HFRunner):
         super().__init__(args, replace(setting, amp=False))
 
 
+def scaling_cases(setting: Setting, tiny: bool) -> list[Case]:
+    """Latency at each of SCALING_SIZES (an eighth of each side with `tiny`) and SCALING_BATCHES."""
+    found = []
+    for height, width in SCALING_SIZES:
+        size = (height // 8, width // 8) if tiny else (height, width)
+        found += [Case(f"latency, batch {batch} of {size[0]}x{size[1]}",
+                       make_batch(batch, size, deta.COCO_NUM_CLASSES, setting.device)[0], latency=True)
+                  for batch in SCALING_BATCHES]
+    return found
+
+
 def cases(setting: Setting, latency_only: bool = False) -> list[Case]:
     """The measurements, on inputs that every runner shares; only the latency one with `latency_only`."""
     num_classes = deta.COCO_NUM_CLASSES
@@ -264,11 +291,78 @@ def run_case(runner: Runner, case: Case, setting: Setting) -> Result:
         step = lambda: runner.infer(case.images)
     else:
         step = lambda: runner.train_step(case.images, case.targets)
+    if case.latency and getattr(runner, "measures_floor", False):
+        with FlopCounterMode(display=False) as flops:
+            step()  # the untimed call
+        seconds, peak = measure(step, replace(setting, warmup=0, iters=1))
+        outside = seconds_outside_matmuls(step) if setting.device.type == "cpu" else None
+        return Result(seconds, "s", peak, flops.get_total_flops() / 1e9, outside)
     if case.latency:
         seconds, peak = measure(step, replace(setting, warmup=1, iters=1))
         return Result(seconds, "s", peak)
     seconds, peak = measure(step, setting)
     return Result(len(case.images) / seconds, "img/s", peak)
+
+
+MATMUL_OPS = frozenset((torch.ops.aten.addmm, torch.ops.aten.mm, torch.ops.aten.bmm, torch.ops.aten.baddbmm,
+                        torch.ops.aten.convolution, torch.ops.aten._scaled_dot_product_flash_attention_for_cpu,
+                        torch.ops.mkldnn._linear_pointwise, torch.ops.mkldnn._convolution_pointwise))
+
+
+class MatmulTimer(TorchDispatchMode):
+    """Adds up the wall time of the matmuls and convolutions run under it (CPU: they run synchronously)."""
+    def __init__(self) -> None:
+        super().__init__()
+        self.seconds = 0.0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket not in MATMUL_OPS:
+            return func(*args, **(kwargs or {}))
+        start = time.perf_counter()
+        out = func(*args, **(kwargs or {}))
+        self.seconds += time.perf_counter() - start
+        return out
+
+
+def seconds_outside_matmuls(step: Callable[[], object]) -> float:
+    """Wall time of one call of `step` minus the time of its matmuls and convolutions."""
+    with MatmulTimer() as timer:
+        start = time.perf_counter()
+        step()
+        elapsed = time.perf_counter() - start
+    return elapsed - timer.seconds
+
+
+def matmul_rate(dtype: torch.dtype, device: torch.device, min_call_s: float = 0.05, repeats: int = 3) -> float:
+    """This machine's matmul rate in GFLOP/s: square torch.mm products in `dtype`, grown (from 256 to 2048 a side)
+    until one takes `min_call_s`, the best of `repeats` at that size. A CPU without bf16 instructions is slow
+    in bf16 at every size, so small sizes keep the measurement short there."""
+    size = 256
+    while True:
+        a, b = (torch.randn(size, size, device=device).to(dtype) for _ in range(2))
+        best = math.inf
+        for _ in range(repeats):
+            _synchronize(device)
+            start = time.perf_counter()
+            torch.mm(a, b)
+            _synchronize(device)
+            best = min(best, time.perf_counter() - start)
+        if best >= min_call_s or size >= 2048:
+            return 2 * size**3 / best / 1e9
+        size *= 2
+
+
+def floor_report(results: dict[str, Result | str], rate: float, precision: str) -> list[str]:
+    """One line per latency of ours with its FLOPs: the floor at `rate` and the share of it reached."""
+    lines = []
+    for case, result in results.items():
+        if isinstance(result, Result) and result.gflop is not None:
+            floor = result.gflop / rate
+            lines.append(f"{case}: {result.gflop:.0f} GFLOP, floor {floor:.2f} s at the {precision} matmul rate "
+                         f"{rate:.1f} GFLOP/s; ours {result.value:.2f} s = {floor / result.value:.0%} of the floor"
+                         + (f", {result.outside_matmul_s:.2f} s outside matmuls and convolutions"
+                            if result.outside_matmul_s is not None else ""))
+    return lines
 
 
 def run_all(runner_types: list[type[Runner]], args: argparse.Namespace, setting: Setting,
@@ -338,6 +432,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no_hf", action="store_true", help="skip HF's DETA even where transformers is installed")
     parser.add_argument("--latency_only", action="store_true",
                         help="only the latency of one 800x1333 image (256x320 with --tiny): a quick comparison")
+    parser.add_argument("--scaling", action="store_true",
+                        help="only our latency and peak memory at 3 image sizes and batch 1, 2 and 4")
     parser.add_argument("--image_size", type=int, nargs=2, metavar=("H", "W"), default=None,
                         help="images of the throughput measurements (default: 800 1333 on CUDA, 256 384 on CPU)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed iterations (default: 10 CUDA, 1 CPU)")
@@ -363,7 +459,7 @@ def run(options: argparse.Namespace, overrides: list[str]) -> None:
         chosen["image_size"] = tuple(options.image_size)
     setting = Setting(device=device, amp=options.amp, **{**PRESETS["tiny" if options.tiny else device.type], **chosen})
     runners: list[type[Runner]] = [OursRunner]
-    why_not_hf = "--no_hf" if options.no_hf else hf_available()
+    why_not_hf = "--no_hf" if options.no_hf else "--scaling" if options.scaling else hf_available()
     if why_not_hf is None:
         hf_config(args, deta.COCO_NUM_CLASSES)  # unsupported flags fail here, before anything is timed
         runners += [HFRunner, HFFloat32Runner] if options.amp else [HFRunner]
@@ -373,7 +469,22 @@ def run(options: argparse.Namespace, overrides: list[str]) -> None:
           f"iterations; our deformable attention: {attention}"
           + ("" if why_not_hf else f"; transformers {importlib.metadata.version('transformers')}")
           + (f"; HF DETA not measured: {why_not_hf}" if why_not_hf else ""), flush=True)
-    print(table(run_all(runners, args, setting, cases(setting, options.latency_only))))
+    precision = "bf16" if options.amp else "fp32"
+    rate = matmul_rate(torch.bfloat16 if options.amp else torch.float32, device)
+    print(f"matmul rate: {rate:.1f} GFLOP/s in {precision}; {bf16_instructions(device)}", flush=True)
+    measured = scaling_cases(setting, options.tiny) if options.scaling else cases(setting, options.latency_only)
+    results = run_all(runners, args, setting, measured)
+    print(table(results))
+    print("\n".join(floor_report(results[OursRunner.name], rate, precision)))
+
+
+def bf16_instructions(device: torch.device) -> str:
+    """What this CPU offers bf16 matmuls (they run at a fraction of the fp32 rate without either)."""
+    if device.type == "cuda":
+        return f"bf16 {'supported' if torch.cuda.is_bf16_supported() else 'not supported'}"
+    found = [name for name, present in (("AVX512-BF16", torch.cpu._is_avx512_bf16_supported()),
+                                        ("AMX", torch.cpu._is_amx_tile_supported())) if present]
+    return f"bf16 instructions: {', '.join(found) or 'none (neither AVX512-BF16 nor AMX)'}"
 
 
 if __name__ == "__main__":

@@ -1,5 +1,7 @@
 """scripts/benchmark.py in its tiny CPU mode, and the HF configuration it compares against."""
 import importlib.metadata
+import re
+import time
 
 import pytest
 import torch
@@ -13,7 +15,8 @@ HF = benchmark.hf_available() is None
 def test_tiny_cpu_run_prints_a_table_of_every_measurement(capsys: pytest.CaptureFixture) -> None:
     benchmark.main(["--tiny", "--device", "cpu"])
     out = capsys.readouterr().out
-    header, rule, *rows = out.strip().splitlines()[1:]
+    assert out.startswith("device: ") and "\nmatmul rate: " in out
+    header, rule, *rows = [line for line in out.splitlines() if line.startswith("|")]
     assert header.startswith("| measurement | DETA (ours) |") and rule.startswith("|---|")
     assert [row.split(" | ")[0] for row in rows] == ["| inference, batch 1", "| inference, batch 4",
                                                       "| latency, one 256x320 image", "| training, batch 2"]
@@ -25,6 +28,35 @@ def test_tiny_cpu_run_prints_a_table_of_every_measurement(capsys: pytest.Capture
         assert all(float(mib) > 0 for mib in memory), row
         if HF:
             assert cells[-1].endswith("x") and float(cells[-1][:-1]) > 0
+    (floor,) = [line for line in out.splitlines() if line.startswith("latency, one 256x320 image: ")]
+    gflop, rate, latency, share, outside = (float(value) for value in re.findall(
+        r"(\d+) GFLOP, floor [\d.]+ s at the fp32 matmul rate ([\d.]+) GFLOP/s; ours ([\d.]+) s = (\d+)% of the floor, "
+        r"([\d.]+) s outside matmuls", floor)[0])
+    assert gflop > 1 and rate > 0 and 0 < outside < latency
+    assert abs(share - 100 * gflop / rate / latency) <= 1
+
+
+def test_scaling_measures_three_sizes_at_three_batch_sizes(capsys: pytest.CaptureFixture) -> None:
+    benchmark.main(["--tiny", "--device", "cpu", "--scaling"])
+    rows = [line.split(" | ")[0] for line in capsys.readouterr().out.splitlines() if line.startswith("| latency")]
+    assert rows == [f"| latency, batch {batch} of {size}" for size in ("64x64", "100x166", "150x250")
+                    for batch in (1, 2, 4)]
+
+
+def test_matmul_timer_counts_matmuls_alone() -> None:
+    a = torch.randn(256, 256)
+    with benchmark.MatmulTimer() as timer:
+        start = time.perf_counter()
+        for _ in range(20):
+            a.exp().sin()  # not a matmul
+        outside = time.perf_counter() - start
+    assert timer.seconds == 0 and outside > 0
+    with benchmark.MatmulTimer() as timer:
+        start = time.perf_counter()
+        torch.mm(a, a)
+        torch.nn.functional.linear(a, a, a[0])
+        total = time.perf_counter() - start
+    assert 0 < timer.seconds <= total
 
 
 @pytest.mark.skipif(not HF, reason="needs transformers 4.57.x")
