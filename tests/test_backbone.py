@@ -71,3 +71,42 @@ def test_frozen_batchnorm_keeps_the_dtype_of_its_input():
 def test_dilation_of_a_basic_block_resnet_is_a_clear_error():
     with pytest.raises(InputError, match=r"--dilation: resnet18's basic blocks cannot be dilated; use resnet50"):
         ResNetBackbone("resnet18", train_backbone=True, multi_scale=True, dilation=True)
+
+
+def _backbone_with_statistics(name: str, dilation: bool = False) -> ResNetBackbone:
+    """A backbone whose frozen BatchNorms are not the identity, so that folding them matters."""
+    torch.manual_seed(0)
+    backbone = ResNetBackbone(name, train_backbone=True, multi_scale=True, dilation=dilation).eval()
+    for module in backbone.modules():
+        if isinstance(module, FrozenBatchNorm2d):
+            module.running_var.uniform_(0.5, 1.5)
+            module.running_mean.normal_(0, 0.1)
+            module.weight.normal_(1, 0.1)
+            module.bias.normal_(0, 0.1)
+    return backbone
+
+
+@pytest.mark.parametrize(("name", "dilation"), [("resnet18", False), ("resnet50", False), ("resnet50", True)])
+def test_inference_folds_the_batchnorms_and_gives_the_same_features(name, dilation, monkeypatch):
+    backbone = _backbone_with_statistics(name, dilation)
+    images = torch.randn(2, 3, 96, 128)
+    trained_path = backbone(images)  # with gradients: the modules themselves
+    calls = []
+    monkeypatch.setattr(FrozenBatchNorm2d, "forward", lambda *args: calls.append(1))
+    with torch.no_grad():
+        folded = backbone(images)
+    assert not calls  # no BatchNorm runs: they are folded into the convolutions
+    for ours, reference in zip(folded, trained_path, strict=True):
+        torch.testing.assert_close(ours, reference.detach(), rtol=1e-4, atol=1e-4 * reference.abs().max().item())
+
+
+def test_folded_weights_follow_every_change_of_the_weights():
+    backbone = _backbone_with_statistics("resnet18")
+    images = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        before = backbone(images)[-1]
+        backbone.body.layer4[1].conv2.weight.mul_(0.5)  # as an optimizer step would, in place
+        after = backbone(images)[-1]
+    expected = backbone(images)[-1].detach()
+    assert (after - before).abs().max() > 1e-3
+    torch.testing.assert_close(after, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
