@@ -3,8 +3,9 @@ import copy
 import itertools
 import math
 
-import torch.nn.functional as F
 from torch import Tensor, nn
+
+from ops.linear import linear
 
 
 class MLP(nn.Module):
@@ -17,8 +18,8 @@ class MLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         for layer in self.layers[:-1]:
-            x = F.relu(layer(x))
-        return self.layers[-1](x)
+            x = linear(x, layer.weight, layer.bias, relu=True)
+        return linear(x, self.layers[-1].weight, self.layers[-1].bias)
 
 
 def build_heads(hidden_dim: int, num_classes: int, num_heads: int, shared: bool) -> tuple[nn.ModuleList, nn.ModuleList]:

@@ -2,10 +2,10 @@
 import copy
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ops import MSDeformAttn
+from ops.linear import linear
 
 from .box_ops import inverse_sigmoid
 from .position_encoding import proposal_position_embedding
@@ -30,7 +30,7 @@ class EncoderLayer(nn.Module):
         self.norm2 = nn.LayerNorm(d_model)
 
     def forward(self, src: Tensor, pos: Tensor, reference_points: Tensor, spatial_shapes: Tensor,
-                level_start_index: Tensor, padding_mask: Tensor) -> Tensor:
+                level_start_index: Tensor, padding_mask: Tensor | None) -> Tensor:
         attended = self.self_attn(src + pos, reference_points, src, spatial_shapes, level_start_index, padding_mask)
         src = self.norm1(src + self.dropout1(attended))
         if src.device.type == "cpu":
@@ -43,8 +43,8 @@ class EncoderLayer(nn.Module):
         return self._feed_forward(src)
 
     def _feed_forward(self, src: Tensor) -> Tensor:
-        ffn = self.linear2(self.dropout2(F.relu(self.linear1(src), inplace=True)))
-        return self.norm2(src + self.dropout3(ffn))
+        hidden = self.dropout2(linear(src, self.linear1.weight, self.linear1.bias, relu=True))
+        return self.norm2(src + self.dropout3(linear(hidden, self.linear2.weight, self.linear2.bias)))
 
 
 class DecoderLayer(nn.Module):
@@ -65,7 +65,7 @@ class DecoderLayer(nn.Module):
         self.norm3 = nn.LayerNorm(d_model)
 
     def forward(self, tgt: Tensor, query_pos: Tensor, reference_points: Tensor, memory: Tensor,
-                spatial_shapes: Tensor, level_start_index: Tensor, padding_mask: Tensor) -> Tensor:
+                spatial_shapes: Tensor, level_start_index: Tensor, padding_mask: Tensor | None) -> Tensor:
         # Sequence-first and contiguous: given batch-first input, MultiheadAttention transposes it, and its
         # projections of the strided result then run as a batched matmul over copies of the weights.
         query_key = (tgt + query_pos).transpose(0, 1).contiguous()
@@ -75,8 +75,8 @@ class DecoderLayer(nn.Module):
         attended = self.cross_attn(tgt + query_pos, reference_points, memory, spatial_shapes, level_start_index,
                                    padding_mask)
         tgt = self.norm1(tgt + self.dropout1(attended))
-        ffn = self.linear2(self.dropout3(F.relu(self.linear1(tgt))))
-        return self.norm3(tgt + self.dropout4(ffn))
+        hidden = self.dropout3(linear(tgt, self.linear1.weight, self.linear1.bias, relu=True))
+        return self.norm3(tgt + self.dropout4(linear(hidden, self.linear2.weight, self.linear2.bias)))
 
 
 def encoder_reference_points(spatial_shapes: Tensor, valid_ratios: Tensor) -> Tensor:
@@ -103,7 +103,7 @@ class Encoder(nn.Module):
         self.layers = nn.ModuleList(copy.deepcopy(layer) for _ in range(num_layers))
 
     def forward(self, src: Tensor, spatial_shapes: Tensor, level_start_index: Tensor, valid_ratios: Tensor,
-                pos: Tensor, padding_mask: Tensor) -> Tensor:
+                pos: Tensor, padding_mask: Tensor | None) -> Tensor:
         reference_points = encoder_reference_points(spatial_shapes, valid_ratios)
         for layer in self.layers:
             src = layer(src, pos, reference_points, spatial_shapes, level_start_index, padding_mask)
@@ -122,7 +122,7 @@ class Decoder(nn.Module):
         self.layers = nn.ModuleList(copy.deepcopy(layer) for _ in range(num_layers))
 
     def forward(self, tgt: Tensor, reference: Tensor, memory: Tensor, spatial_shapes: Tensor,
-                level_start_index: Tensor, valid_ratios: Tensor, query_pos: Tensor, padding_mask: Tensor,
+                level_start_index: Tensor, valid_ratios: Tensor, query_pos: Tensor, padding_mask: Tensor | None,
                 box_heads: nn.ModuleList, refine: bool) -> tuple[Tensor, Tensor]:
         """Returns hidden states and boxes of every layer: (layers, B, Q, C) and (layers, B, Q, 4)."""
         hidden_states, boxes = [], []
@@ -206,12 +206,15 @@ class DeformableTransformer(nn.Module):
         pos_flat = torch.cat([pos.flatten(2).transpose(1, 2) + self.level_embed[level]
                               for level, pos in enumerate(pos_embeds)], 1)
 
-        memory = self.encoder(src_flat, spatial_shapes, level_start_index, valid_ratios, pos_flat, mask_flat)
+        # Without padding (one image, or images of one size) attention has no values to zero.
+        padding_mask = mask_flat if mask_flat.any() else None
+        memory = self.encoder(src_flat, spatial_shapes, level_start_index, valid_ratios, pos_flat, padding_mask)
 
         out: dict[str, Tensor] = {}
         if self.two_stage:
             proposals, proposal_valid, level_ids = grid_proposals(mask_flat, spatial_shapes)
-            output_memory = self.enc_output_norm(self.enc_output(memory.masked_fill(~proposal_valid, 0.0)))
+            valid_memory = memory.masked_fill(~proposal_valid, 0.0)
+            output_memory = self.enc_output_norm(linear(valid_memory, self.enc_output.weight, self.enc_output.bias))
             enc_layer = len(self.decoder.layers)
             enc_logits = class_heads[enc_layer](output_memory)
             enc_coords = box_heads[enc_layer](output_memory) + proposals
@@ -235,7 +238,7 @@ class DeformableTransformer(nn.Module):
             reference = self.reference_points(query_pos).sigmoid()
 
         hidden_states, boxes = self.decoder(tgt, reference, memory, spatial_shapes, level_start_index, valid_ratios,
-                                            query_pos, mask_flat, box_heads, refine)
+                                            query_pos, padding_mask, box_heads, refine)
         out.update(hidden_states=hidden_states, boxes=boxes, init_reference=reference)
         return out
 

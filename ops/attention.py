@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .dispatch import ms_deform_attn
+from .linear import linear
 
 
 class MSDeformAttn(nn.Module):
@@ -69,7 +70,7 @@ class MSDeformAttn(nn.Module):
         """
         batch, queries, _ = query.shape
         tokens = input_flatten.shape[1]
-        value = self.value_proj(input_flatten)
+        value = linear(input_flatten, self.value_proj.weight, self.value_proj.bias)
         if padding_mask is not None:
             # In place: a linear layer keeps its input, not its output, for the backward pass.
             value = value.masked_fill_(padding_mask[..., None], 0.0)
@@ -77,8 +78,8 @@ class MSDeformAttn(nn.Module):
         # Offsets and attention weights are projections of the same query: one matmul for both. Slices,
         # not split(), so that the offsets may be updated in place below.
         n_offsets = self.sampling_offsets.out_features
-        projected = F.linear(query, torch.cat([self.sampling_offsets.weight, self.attention_weights.weight]),
-                             torch.cat([self.sampling_offsets.bias, self.attention_weights.bias]))
+        projected = linear(query, torch.cat([self.sampling_offsets.weight, self.attention_weights.weight]),
+                           torch.cat([self.sampling_offsets.bias, self.attention_weights.bias]))
         sample_shape = (batch, queries, self.n_heads, self.n_levels, self.n_points, 2)
         if reference_points.shape[-1] == 2:
             # Offsets are in pixels of each level. The locations are the module's largest tensor (the
@@ -102,4 +103,4 @@ class MSDeformAttn(nn.Module):
         weights = projected[..., n_offsets:].view(batch, queries, self.n_heads, self.n_levels * self.n_points)
         weights = F.softmax(weights, -1, dtype=locations.dtype).view(sample_shape[:-1])
         output = ms_deform_attn(value, spatial_shapes, level_start_index, locations, weights)
-        return self.output_proj(output)
+        return linear(output, self.output_proj.weight, self.output_proj.bias)
