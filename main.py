@@ -25,6 +25,7 @@ from deta import build_model
 from deta.checkpoint import load_checkpoint, load_model_weights
 from deta.errors import InputError
 from engine import NonFiniteLossError, evaluate, train_one_epoch
+from training.args_check import architecture_differences, validate_args
 from training.checkpointing import rng_state, save_checkpoint, seed_everything, set_rng_state
 from training.distributed import all_gather_object, cleanup_distributed, get_rank, get_world_size, init_distributed
 from training.optim import build_optimizer, group_learning_rates
@@ -182,9 +183,7 @@ def main(args: argparse.Namespace) -> None:
 
 
 def _run(args: argparse.Namespace) -> None:
-    if args.resume and args.finetune:
-        raise InputError("--resume and --finetune exclude each other: --resume continues a run (weights, "
-                         "optimizer, schedule, epoch), --finetune starts a new run from weights only; pass one")
+    validate_args(args)
     device = init_distributed(args.device)
     rank, world_size = get_rank(), get_world_size()
     logging.basicConfig(format="%(message)s", level=logging.INFO if rank == 0 else logging.WARNING,
@@ -201,7 +200,7 @@ def _run(args: argparse.Namespace) -> None:
     model.to(device)
     criterion.to(device)
     if checkpoint is not None:
-        load_model_weights(model, checkpoint["model"], finetune=bool(args.finetune))
+        _load_weights(model, checkpoint, args)
     log.info(f"trainable parameters: {sum(p.numel() for p in model.parameters() if p.requires_grad)}")
 
     output_dir = Path(args.output_dir) if args.output_dir else None
@@ -265,6 +264,23 @@ def _run(args: argparse.Namespace) -> None:
     log.info(f"training time {datetime.timedelta(seconds=round(time.time() - start))}")
     if writer is not None:
         writer.close()
+
+
+def _load_weights(model: torch.nn.Module, checkpoint: dict[str, Any], args: argparse.Namespace) -> None:
+    """The checkpoint's weights into `model`; a mismatch names the saved arguments that differ from the flags,
+    and --finetune logs the class-head tensors it re-initialised."""
+    source = args.resume or args.finetune
+    try:
+        skipped = load_model_weights(model, checkpoint["model"], finetune=bool(args.finetune))
+    except InputError as err:
+        differences = architecture_differences(checkpoint.get("args"), args)
+        hint = f"; the flags differ from the checkpoint's saved arguments: {', '.join(differences)}" if differences \
+            else ""
+        raise InputError(f"{source}: {err}{hint}") from err
+    if args.finetune:
+        log.info(f"--finetune: re-initialised {len(skipped)} class-head tensor(s) whose size differs from the "
+                 f"checkpoint's: {', '.join(skipped)}" if skipped else
+                 "--finetune: every tensor loaded from the checkpoint (its class heads fit --num_classes)")
 
 
 def _checkpoint_num_classes(checkpoint: dict[str, Any]) -> int:

@@ -131,7 +131,8 @@ def load_model_weights(model: nn.Module, state_dict: Mapping[str, Tensor], finet
     problems = state_dict_problems(model, state_dict)
     if problems:
         raise InputError(f"checkpoint does not fit the model built from these flags ({describe(problems)}); "
-                         "check --backbone, --num_feature_levels, --num_classes and the layer counts")
+                         "check --backbone, --hidden_dim, --nheads, --num_feature_levels, --num_queries, "
+                         "--num_classes, --dim_feedforward and the layer counts")
     model.load_state_dict(state_dict)
     return skipped
 

@@ -184,9 +184,12 @@ def test_eval_of_an_official_checkpoint(data_flags: list[str], one_epoch: Path, 
 
 
 def test_finetune_replaces_a_class_head_of_another_size(data_flags: list[str], one_epoch: Path,
-                                                        tmp_path: Path) -> None:
+                                                        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     run_main(*TINY, *data_flags, "--epochs", "1", "--num_classes", "9", "--finetune", str(one_epoch / "checkpoint.pth"),
              "--output_dir", str(tmp_path))
+    assert ("--finetune: re-initialised 4 class-head tensor(s) whose size differs from the checkpoint's: "
+            "class_embed.0.weight, class_embed.0.bias, class_embed.1.weight, class_embed.1.bias"
+            ) in capsys.readouterr().out
     source, tuned = weights(one_epoch / "checkpoint.pth"), weights(tmp_path / "checkpoint.pth")
     assert tuned["class_embed.0.bias"].shape == (9,)
     assert tuned["backbone.0.body.conv1.weight"].shape == source["backbone.0.body.conv1.weight"].shape
@@ -253,6 +256,9 @@ def test_resume_rejects_an_unusable_optimizer_state(spoil, message: str, data_fl
     (("--coco_path", "/nonexistent/coco"), "error: --coco_path: file /nonexistent/coco/annotations/instances_"),
     (("--resume", "a.pth", "--finetune", "b.pth"), "error: --resume and --finetune exclude each other"),
     (("--resume", "{corrupt}"), "error: checkpoint {corrupt}: cannot be read as a PyTorch checkpoint"),
+    (("--lr_drop", "0"), "error: --lr_drop 0: must be 1 or more"),
+    (("--hidden_dim", "48"), "error: --hidden_dim 48: must be a multiple of 32"),
+    (("--eval",), "error: --eval needs the checkpoint to evaluate: pass --resume CKPT"),
 ])
 def test_bad_input_is_a_one_line_error(flags: tuple[str, ...], message: str, tmp_path: Path,
                                        capsys: pytest.CaptureFixture) -> None:
@@ -270,4 +276,16 @@ def test_bad_input_is_a_one_line_error(flags: tuple[str, ...], message: str, tmp
 def test_bad_input_exits_without_traceback() -> None:
     result = run_script(*TINY, "--eval")
     assert result.returncode == 2
-    assert result.stderr.startswith("error: no val data") and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith("error: --eval needs the checkpoint to evaluate: pass --resume CKPT")
+    assert result.stderr.count("\n") == 1, result.stderr
+
+
+def test_a_checkpoint_of_another_architecture_names_the_differing_flags(
+        data_flags: list[str], one_epoch: Path, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):
+        run_main(*TINY, *data_flags, "--eval", "--resume", str(one_epoch / "checkpoint.pth"), "--hidden_dim", "32")
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert "check --backbone, --hidden_dim" in err
+    assert err.rstrip().endswith("the flags differ from the checkpoint's saved arguments: --hidden_dim 32 "
+                                 "(checkpoint: 64)")
