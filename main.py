@@ -16,10 +16,10 @@ from typing import Any
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
+from torch.utils.data import BatchSampler, DistributedSampler
 from torch.utils.tensorboard import SummaryWriter
 
-from datasets import build_dataset, collate_fn, resolve_num_classes
+from datasets import DetectionLoader, build_dataset, resolve_num_classes
 from datasets.coco import category_names
 from deta import build_model
 from deta.checkpoint import load_checkpoint, load_model_weights
@@ -127,6 +127,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     data.add_argument("--bigger", action="store_true",
                       help="Swin-L recipe: scales x1.5 and max size 2000 (crop branch unchanged)")
     data.add_argument("--num_workers", default=2, type=int)
+    data.add_argument("--skip_mismatched_images", action="store_true",
+                      help="read every image header at start and leave out (with a count) the images whose size "
+                           "matches neither the JSON's width/height nor their EXIF-turned form; without it such an "
+                           "image is an error when it loads")
 
     run = parser.add_argument_group("run")
     run.add_argument("--output_dir", default="", help="where to save checkpoints and logs; empty: nowhere")
@@ -207,9 +211,9 @@ def _run(args: argparse.Namespace) -> None:
     if output_dir is not None:
         output_dir.mkdir(parents=True, exist_ok=True)
     dataset_val = build_dataset("val", args)
-    loader_val = DataLoader(dataset_val, args.batch_size, collate_fn=collate_fn, num_workers=args.num_workers,
-                            sampler=DistributedSampler(dataset_val, world_size, rank, shuffle=False),
-                            pin_memory=device.type == "cuda")
+    loader_val = DetectionLoader(dataset_val, batch_size=args.batch_size, num_workers=args.num_workers,
+                                 sampler=DistributedSampler(dataset_val, world_size, rank, shuffle=False),
+                                 pin_memory=device.type == "cuda")
 
     def run_evaluation() -> dict[str, float]:
         # Evaluating leaves the random generators as it found them: training then does not depend on the
@@ -227,9 +231,10 @@ def _run(args: argparse.Namespace) -> None:
     dataset_train = build_dataset("train", args)
     # The shuffle depends only on (seed, epoch), on one process as on many.
     sampler_train = DistributedSampler(dataset_train, world_size, rank, shuffle=True, seed=args.seed)
-    loader_train = DataLoader(dataset_train, batch_sampler=BatchSampler(sampler_train, args.batch_size, drop_last=True),
-                              collate_fn=collate_fn, num_workers=args.num_workers, pin_memory=device.type == "cuda")
-    if len(loader_train) == 0:
+    loader_train = DetectionLoader(dataset_train, batch_sampler=BatchSampler(sampler_train, args.batch_size,
+                                                                             drop_last=True),
+                                   num_workers=args.num_workers, pin_memory=device.type == "cuda")
+    if len(loader_train) == 0:  # the data set itself is not empty: build_dataset refuses that
         raise InputError(f"--batch_size {args.batch_size}: the {len(dataset_train)} training images give "
                          f"{world_size} process(es) less than one batch each; lower --batch_size")
     optimizer = build_optimizer(model, args)

@@ -289,3 +289,17 @@ def test_a_checkpoint_of_another_architecture_names_the_differing_flags(
     assert "check --backbone, --hidden_dim" in err
     assert err.rstrip().endswith("the flags differ from the checkpoint's saved arguments: --hidden_dim 32 "
                                  "(checkpoint: 64)")
+
+
+def test_a_bad_image_read_by_a_worker_is_one_line(data_flags: list[str], tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture) -> None:
+    paths = dict(flag.lstrip("-").split("=", 1) for flag in data_flags)
+    images = tmp_path / "train"
+    shutil.copytree(paths["train_images"], images)
+    (images / "000002.png").write_bytes(b"not a png")
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(*TINY, *data_flags, "--train_images", str(images), "--num_workers", "2", "--epochs", "1",
+                 "--output_dir", str(tmp_path / "run"))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {images / '000002.png'}: cannot read image") and err.count("\n") == 1, err
