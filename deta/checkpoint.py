@@ -27,7 +27,7 @@ from .formats.official import from_official, to_official
 
 __all__ = ["SOURCE_FORMATS", "TARGET_FORMATS", "convert_state_dict", "describe", "detect_format", "from_official",
            "from_ours", "load_checkpoint", "load_model_weights", "save_atomically", "save_hf_folder",
-           "state_dict_problems", "to_official"]
+           "save_text_atomically", "state_dict_problems", "to_official"]
 
 StateDict = dict[str, Tensor]
 # Files of a HuggingFace model folder, in order of preference.
@@ -159,6 +159,11 @@ def save_atomically(obj: object, path: str | os.PathLike,
         raise
 
 
+def save_text_atomically(text: str, path: str | os.PathLike) -> None:
+    """`text` (UTF-8) to `path` through a temporary file, like `save_atomically`."""
+    save_atomically(text, path, lambda obj, file: file.write(obj.encode()))
+
+
 def save_hf_folder(state_dict: Mapping[str, Tensor], config: Mapping[str, Any], folder: str | os.PathLike) -> None:
     """An HF model folder: model.safetensors and config.json, each written atomically (weights first)."""
     folder = Path(folder)
@@ -168,5 +173,4 @@ def save_hf_folder(state_dict: Mapping[str, Tensor], config: Mapping[str, Any], 
     tensors = {key: value.detach().contiguous().clone() for key, value in state_dict.items()}
     save_atomically(tensors, folder / _HF_WEIGHTS[0],
                     lambda obj, file: file.write(safetensors_bytes(obj, metadata={"format": "pt"})))
-    save_atomically(config, folder / _HF_CONFIG,
-                    lambda obj, file: file.write(json.dumps(obj, indent=2).encode() + b"\n"))
+    save_text_atomically(json.dumps(config, indent=2) + "\n", folder / _HF_CONFIG)
