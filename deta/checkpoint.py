@@ -25,14 +25,15 @@ from .formats.hf import category_names as hf_category_names
 from .formats.hf import model_args as hf_model_args
 from .formats.official import from_official, to_official
 
-__all__ = ["SOURCE_FORMATS", "TARGET_FORMATS", "convert_state_dict", "describe", "detect_format", "from_official",
-           "from_ours", "load_checkpoint", "load_model_weights", "save_atomically", "save_hf_folder",
+__all__ = ["HF_FOLDER_FILES", "SOURCE_FORMATS", "TARGET_FORMATS", "convert_state_dict", "describe", "detect_format",
+           "from_official", "from_ours", "load_checkpoint", "load_model_weights", "save_atomically", "save_hf_folder",
            "save_text_atomically", "state_dict_problems", "to_official"]
 
 StateDict = dict[str, Tensor]
 # Files of a HuggingFace model folder, in order of preference.
 _HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 _HF_CONFIG = "config.json"
+HF_FOLDER_FILES = (_HF_WEIGHTS[0], _HF_CONFIG)  # what save_hf_folder writes
 # Training state that only means something to the code base that wrote it (its parameter order).
 _PORTABLE_FORMATS = ("deta", "official")
 
