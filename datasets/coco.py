@@ -41,7 +41,7 @@ def _check_coco_format(data: Any, path: Path) -> None:
                 raise InputError(f"{path}: {section}[{index}] lacks {', '.join(missing)}; fix the file")
     for index, image in enumerate(data["images"]):
         for key in ("width", "height"):
-            if key in image and not (_is_number(image[key]) and image[key] > 0 and image[key] == int(image[key])):
+            if key in image and not (_is_whole(image[key]) and image[key] > 0):
                 raise InputError(f"{path}: image id {image['id']} (images[{index}]) has {key} {_shown(image[key])}, "
                                  "not a positive whole number of pixels; fix the file")
     for index, annotation in enumerate(data["annotations"]):
@@ -49,13 +49,17 @@ def _check_coco_format(data: Any, path: Path) -> None:
         if not (isinstance(bbox, list) and len(bbox) == 4 and all(map(_is_number, bbox))):
             raise InputError(f"{path}: annotation id {annotation['id']} (annotations[{index}]) has bbox "
                              f"{_shown(bbox)}, not [x, y, width, height] of 4 numbers; fix the file")
-        if not isinstance(annotation["category_id"], int) or isinstance(annotation["category_id"], bool):
+        if isinstance(annotation["category_id"], bool) or not isinstance(annotation["category_id"], int):
             raise InputError(f"{path}: annotation id {annotation['id']} (annotations[{index}]) has category_id "
                              f"{_shown(annotation['category_id'])}, not an integer; fix the file")
 
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _is_whole(value: Any) -> bool:
+    return _is_number(value) and (isinstance(value, int) or value.is_integer())
 
 
 def _shown(value: Any, limit: int = 60) -> str:

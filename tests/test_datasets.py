@@ -289,15 +289,34 @@ def test_an_empty_data_set_says_so_not_batch_size(tmp_path):
     assert str(ann_file) in str(info.value) and "--batch_size" not in str(info.value)
 
 
+def train_args(folder, data) -> argparse.Namespace:
+    """Training flags for `data` written as folder/bad.json, with an empty image folder."""
+    (folder / "bad.json").write_text(json.dumps(data))
+    (folder / "images").mkdir()
+    return make_args(train_json=str(folder / "bad.json"), train_images=str(folder / "images"), num_classes=2)
+
+
 @pytest.mark.parametrize("bbox", [["1", 2, 3, 4], [1, 2, 3], None, "1,2,3,4", [1, 2, 3, True], {"x": 1}])
 def test_malformed_bbox_names_the_file_and_the_annotation_id(tmp_path, bbox):
     data = {"images": [{"id": 1, "file_name": "a.png"}], "categories": [{"id": 1}],
             "annotations": [{"id": 7, "image_id": 1, "category_id": 1, "area": 4.0, "bbox": bbox}]}
-    (tmp_path / "bad.json").write_text(json.dumps(data))
-    (tmp_path / "images").mkdir()
-    args = make_args(train_json=str(tmp_path / "bad.json"), train_images=str(tmp_path / "images"), num_classes=2)
-    assert_input_error(lambda: build_dataset("train", args), tmp_path / "bad.json", "annotation id 7",
-                       "[x, y, width, height] of 4 numbers")
+    assert_input_error(lambda: build_dataset("train", train_args(tmp_path, data)), tmp_path / "bad.json",
+                       "annotation id 7", "[x, y, width, height] of 4 numbers")
+
+
+@pytest.mark.parametrize(("entry", "needle"), [
+    ({"width": "640"}, 'image id 1 (images[0]) has width "640"'),
+    ({"height": float("inf")}, "image id 1 (images[0]) has height Infinity"),
+    ({"width": 0}, "image id 1 (images[0]) has width 0"),
+    ({"category_id": "1"}, 'annotation id 7 (annotations[0]) has category_id "1"'),
+])
+def test_malformed_sizes_and_category_ids_name_the_file_and_the_id(tmp_path, entry, needle):
+    annotation = {"id": 7, "image_id": 1, "category_id": 1, "area": 4.0, "bbox": [1, 1, 2, 2]}
+    image = {"id": 1, "file_name": "a.png", "width": 32, "height": 32}
+    for key, value in entry.items():
+        (annotation if key == "category_id" else image)[key] = value
+    data = {"images": [image], "categories": [{"id": 1}], "annotations": [annotation]}
+    assert_input_error(lambda: build_dataset("train", train_args(tmp_path, data)), tmp_path / "bad.json", needle)
 
 
 # --- image frames: EXIF orientation and the JSON's size -------------------------------------------
