@@ -213,9 +213,9 @@ def _run(args: argparse.Namespace, last: LastCheckpoint) -> None:
 
     checkpoint = load_checkpoint(args.resume or args.finetune) if args.resume or args.finetune else None
     evaluate_first = False  # the resumed epoch's evaluation, cut short by the end of the last run
-    if args.resume:
+    if args.resume and not args.eval:
         last.path, last.epoch = Path(args.resume), checkpoint.get("epoch")
-        if not args.eval and "epoch" in checkpoint:
+        if "epoch" in checkpoint:
             evaluate_first = _unlogged(output_dir, checkpoint["epoch"])
             if not _epochs_left(checkpoint, args, evaluate_first):
                 return

@@ -442,8 +442,8 @@ def test_ctrl_c_under_torchrun_is_one_line_from_the_first_process(data_flags: li
     assert stopped.returncode != 0
     # torchrun adds its own lines about the signal; of ours there is one
     (ours,) = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert ours.startswith("error: interrupted by SIGINT, before the first checkpoint; nothing to resume, start "
-                           f"again with: {shlex.join([*launcher, str(REPO / 'main.py')])}")
+    assert ours.startswith("error: interrupted by SIGINT; there is no checkpoint to resume from, run again with: "
+                           f"{shlex.join([*launcher, str(REPO / 'main.py')])}")
     assert "Traceback" not in err.split("error: interrupted")[0]  # no process of ours printed one
 
 

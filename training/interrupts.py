@@ -70,8 +70,8 @@ class LastCheckpoint:
     def stop_message(self, interrupt: Interrupted, argv: list[str]) -> str:
         """One line: the signal, the last good checkpoint and the command that resumes from it."""
         if self.path is None or self.output_dir is None:
-            return (f"interrupted by {interrupt}, before the first checkpoint; nothing to resume, start again "
-                    f"with: {shlex.join([*_launcher(argv), *argv])}")
+            return (f"interrupted by {interrupt}; there is no checkpoint to resume from, run again with: "
+                    f"{shlex.join([*_launcher(argv), *argv])}")
         undone = "" if self.evaluated else ", whose evaluation was cut short and runs first on resume"
         return (f"interrupted by {interrupt}; the last good checkpoint is {self.path} (epoch {self.epoch}{undone}); "
                 f"resume with: {resume_command(argv, self.output_dir, self.path)}")
