@@ -27,15 +27,19 @@ class AnnotationSummary:
     images_without_size: int = 0  # no width/height in the JSON: boxes clamped only when the image loads
 
     def __str__(self) -> str:
-        text = f"{self.images} images, {self.boxes} boxes kept"
+        text = f"{_count(self.images, 'image')}, {_count(self.boxes, 'box')} kept"
         if self.dropped:
             reasons = ", ".join(f"{count} {reason}" for reason, count in self.dropped.items())
             text += f", {sum(self.dropped.values())} dropped ({reasons})"
-        text += f", {self.images_without_boxes} images without boxes"
+        text += f", {_count(self.images_without_boxes, 'image')} without boxes"
         if self.images_without_size:
-            text += (f"; {self.images_without_size} images have no width/height in the JSON, so their size is "
-                     "not checked against the file")
+            text += (f"; {_count(self.images_without_size, 'image')} without width/height in the JSON, whose size "
+                     "is not checked against the file")
         return text
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}" + ("" if number == 1 else "es" if noun.endswith("x") else "s")
 
 
 def summarize(coco: COCO, image_ids: Iterable[int]) -> AnnotationSummary:

@@ -259,7 +259,7 @@ def test_summary_counts_each_dropped_box_once_by_reason(tmp_path):
     dataset = CocoDetection(image_dir, ann_file, make_transforms(False, [64], 1000, 64))
     assert str(dataset.summary) == (
         "3 images, 2 boxes kept, 8 dropped (1 with an unknown image id, 2 crowd, 2 NaN/inf, 2 degenerate (width or "
-        "height <= 0), 1 entirely outside the image), 2 images without boxes")
+        "height <= 0), 1 entirely outside the image), 2 images without boxes")  # b: NaN/inf only, c: crowd only
     assert sum(len(dataset[i][1]["boxes"]) for i in range(len(dataset))) == dataset.summary.boxes
 
 
@@ -340,7 +340,10 @@ def phone_photo(folder, json_size):
 @pytest.mark.parametrize(("json_size", "turned"), [((16, 32), True), (None, True), ((32, 16), False)])
 def test_exif_orientation_is_applied_when_it_gives_the_json_size(tmp_path, json_size, turned):
     ann_file, image_dir = phone_photo(tmp_path, json_size)
-    image, target = CocoDetection(image_dir, ann_file, make_transforms(False, [16], 1000, 16))[0]
+    dataset = CocoDetection(image_dir, ann_file, make_transforms(False, [16], 1000, 16))
+    image, target = dataset[0]
+    assert str(dataset.summary) == "1 image, 1 box kept, 0 images without boxes" + (
+        "" if json_size else "; 1 image without width/height in the JSON, whose size is not checked against the file")
     assert target["orig_size"].tolist() == ([32, 16] if turned else [16, 32])
     red = image[0] > 1.0  # normalised red channel: high only where the pixels are red
     if turned:  # the box lies on the red top of the displayed image
