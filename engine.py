@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 
+from deta.checkpoint import save_text_atomically
 from training.coco_eval import coco_box_stats, coco_detections, gather_detections
 from training.distributed import is_main_process, reduce_mean
 from training.progress import Progress
@@ -91,8 +92,8 @@ def evaluate(model: nn.Module, postprocessors: dict[str, nn.Module], data_loader
         return {}
     stats = coco_box_stats(coco_gt, detections)
     if output_dir is not None:
-        (output_dir / "coco_results.json").write_text(json.dumps(detections))
-        (output_dir / "coco_stats.json").write_text(json.dumps(stats, indent=1))
+        save_text_atomically(json.dumps(detections), output_dir / "coco_results.json")
+        save_text_atomically(json.dumps(stats, indent=1), output_dir / "coco_stats.json")
     return stats
 
 

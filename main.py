@@ -5,8 +5,8 @@ Flag names follow the official DETA / Deformable-DETR `main.py`, so existing com
 `torchrun --nproc_per_node=N main.py ...` for data-parallel training.
 """
 import argparse
+import contextlib
 import datetime
-import json
 import logging
 import math
 import sys
@@ -16,18 +16,22 @@ from typing import Any
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
+from torch.utils.data import BatchSampler, DistributedSampler
 from torch.utils.tensorboard import SummaryWriter
 
-from datasets import build_dataset, collate_fn, resolve_num_classes
+from datasets import DetectionLoader, build_dataset, resolve_num_classes
 from datasets.coco import category_names
 from deta import build_model
 from deta.checkpoint import load_checkpoint, load_model_weights
 from deta.errors import InputError
 from engine import NonFiniteLossError, evaluate, train_one_epoch
-from training.checkpointing import rng_state, save_checkpoint, seed_everything, set_rng_state
+from training.args_check import architecture_differences, validate_args
+from training.checkpointing import remove_stale_temporaries, rng_state, save_checkpoint, seed_everything, set_rng_state
 from training.distributed import all_gather_object, cleanup_distributed, get_rank, get_world_size, init_distributed
+from training.interrupts import Interrupted, LastCheckpoint, signals_raise
 from training.optim import build_optimizer, group_learning_rates
+from training.run_dir import choose_output_dir, make_writable_dir
+from training.run_log import LOG_NAME, log_epoch, logged_epochs
 
 log = logging.getLogger("main")
 
@@ -126,9 +130,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     data.add_argument("--bigger", action="store_true",
                       help="Swin-L recipe: scales x1.5 and max size 2000 (crop branch unchanged)")
     data.add_argument("--num_workers", default=2, type=int)
+    data.add_argument("--skip_mismatched_images", action="store_true",
+                      help="read every image header at start and leave out (with a count) the images whose size "
+                           "matches neither the JSON's width/height nor their EXIF-turned form; without it such an "
+                           "image is an error when it loads")
 
     run = parser.add_argument_group("run")
-    run.add_argument("--output_dir", default="", help="where to save checkpoints and logs; empty: nowhere")
+    run.add_argument("--output_dir", default="",
+                     help="where to save checkpoints, log.txt, TensorBoard and COCO results; default: the folder of "
+                          "the --resume checkpoint, else a new outputs/DATE-TIME folder (--eval: nowhere)")
     run.add_argument("--device", default=None, help="cuda or cpu; default: cuda when available")
     run.add_argument("--seed", default=42, type=int)
     run.add_argument("--resume", default="",
@@ -167,54 +177,65 @@ def model_args(checkpoint: dict[str, Any], source: str, overrides: list[str]) ->
 def main(args: argparse.Namespace) -> None:
     """Train with evaluation after every epoch, or only evaluate with --eval.
 
-    Bad input ends the process with `error: <message>` and status 2, a non-finite loss with status 1.
+    Bad input ends the process with `error: <message>` and status 2, a non-finite loss with status 1,
+    SIGINT and SIGTERM with one line naming the last good checkpoint and the resume command, and status
+    128 + the signal number (130, 143).
     """
+    last = LastCheckpoint()
     try:
-        _run(args)
+        with signals_raise():
+            _run(args, last)
     except InputError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     except NonFiniteLossError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
+    except Interrupted as interrupt:
+        if get_rank() == 0:  # every process stops; one says so
+            print(f"error: {last.stop_message(interrupt, sys.argv)}", file=sys.stderr)
+        sys.exit(128 + interrupt.signum)
     finally:
         cleanup_distributed()
 
 
-def _run(args: argparse.Namespace) -> None:
-    if args.resume and args.finetune:
-        raise InputError("--resume and --finetune exclude each other: --resume continues a run (weights, "
-                         "optimizer, schedule, epoch), --finetune starts a new run from weights only; pass one")
+def _run(args: argparse.Namespace, last: LastCheckpoint) -> None:
+    validate_args(args)
     device = init_distributed(args.device)
     rank, world_size = get_rank(), get_world_size()
     logging.basicConfig(format="%(message)s", level=logging.INFO if rank == 0 else logging.WARNING,
                         stream=sys.stdout, force=True)
     if args.amp and not (device.type == "cpu" or (device.type == "cuda" and torch.cuda.is_bf16_supported())):
         raise InputError(f"--amp: {device} has no bf16 support; drop --amp")
+    output_dir = last.output_dir = _prepare_output_dir(args)
     seed_everything(args.seed + rank)
     log.info(f"{world_size} process(es) on {device}; {args}")
 
     checkpoint = load_checkpoint(args.resume or args.finetune) if args.resume or args.finetune else None
+    evaluate_first = False  # the resumed epoch's evaluation, cut short by the end of the last run
+    if args.resume and not args.eval:
+        last.path, last.epoch = Path(args.resume), checkpoint.get("epoch")
+        if "epoch" in checkpoint:
+            evaluate_first = _unlogged(output_dir, checkpoint["epoch"])
+            if not _epochs_left(checkpoint, args, evaluate_first):
+                return
     if args.num_classes is None:
         args.num_classes = _checkpoint_num_classes(checkpoint) if args.resume else resolve_num_classes(args)
     model, criterion, postprocessors = build_model(args)
     model.to(device)
     criterion.to(device)
     if checkpoint is not None:
-        load_model_weights(model, checkpoint["model"], finetune=bool(args.finetune))
+        _load_weights(model, checkpoint, args)
     log.info(f"trainable parameters: {sum(p.numel() for p in model.parameters() if p.requires_grad)}")
 
-    output_dir = Path(args.output_dir) if args.output_dir else None
-    if output_dir is not None:
-        output_dir.mkdir(parents=True, exist_ok=True)
     dataset_val = build_dataset("val", args)
-    loader_val = DataLoader(dataset_val, args.batch_size, collate_fn=collate_fn, num_workers=args.num_workers,
-                            sampler=DistributedSampler(dataset_val, world_size, rank, shuffle=False),
-                            pin_memory=device.type == "cuda")
+    loader_val = DetectionLoader(dataset_val, batch_size=args.batch_size, num_workers=args.num_workers,
+                                 sampler=DistributedSampler(dataset_val, world_size, rank, shuffle=False),
+                                 pin_memory=device.type == "cuda")
 
     def run_evaluation() -> dict[str, float]:
         # Evaluating leaves the random generators as it found them: training then does not depend on the
-        # validation set, and a resumed run (which does not re-evaluate) continues exactly.
+        # validation set, and a resumed run continues exactly whether or not it evaluates first.
         state = rng_state(device)
         stats = evaluate(model, postprocessors, loader_val, dataset_val.coco, device, amp=args.amp,
                          print_freq=args.print_freq, output_dir=output_dir)
@@ -228,9 +249,10 @@ def _run(args: argparse.Namespace) -> None:
     dataset_train = build_dataset("train", args)
     # The shuffle depends only on (seed, epoch), on one process as on many.
     sampler_train = DistributedSampler(dataset_train, world_size, rank, shuffle=True, seed=args.seed)
-    loader_train = DataLoader(dataset_train, batch_sampler=BatchSampler(sampler_train, args.batch_size, drop_last=True),
-                              collate_fn=collate_fn, num_workers=args.num_workers, pin_memory=device.type == "cuda")
-    if len(loader_train) == 0:
+    loader_train = DetectionLoader(dataset_train, batch_sampler=BatchSampler(sampler_train, args.batch_size,
+                                                                             drop_last=True),
+                                   num_workers=args.num_workers, pin_memory=device.type == "cuda")
+    if len(loader_train) == 0:  # the data set itself is not empty: build_dataset refuses that
         raise InputError(f"--batch_size {args.batch_size}: the {len(dataset_train)} training images give "
                          f"{world_size} process(es) less than one batch each; lower --batch_size")
     optimizer = build_optimizer(model, args)
@@ -240,31 +262,104 @@ def _run(args: argparse.Namespace) -> None:
         # Without aux losses the intermediate class heads get no gradient, which DDP must be told.
         train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                               find_unused_parameters=not args.aux_loss)
-    writer = SummaryWriter(output_dir) if output_dir is not None and rank == 0 else None
     if args.resume:
         _restore_training_state(checkpoint, optimizer, lr_scheduler, args, device)
+    with SummaryWriter(output_dir) if rank == 0 else contextlib.nullcontext() as writer:
+        if evaluate_first:
+            log.info(f"--resume: epoch {checkpoint['epoch']} has a checkpoint but no line in "
+                     f"{output_dir / LOG_NAME} (the run stopped during its evaluation); evaluating it first")
+            last.evaluated = False
+            _log_epoch(output_dir, writer, checkpoint["epoch"], checkpoint.get("train_stats", {}), run_evaluation())
+            last.evaluated = True
+            if args.start_epoch == args.epochs:
+                return
 
-    log.info(f"training epochs {args.start_epoch}..{args.epochs - 1}")
-    start = time.time()
-    for epoch in range(args.start_epoch, args.epochs):
-        sampler_train.set_epoch(epoch)
-        train_stats = train_one_epoch(train_model, criterion, loader_train, optimizer, device, epoch,
-                                      max_norm=args.clip_max_norm, amp=args.amp, print_freq=args.print_freq,
-                                      writer=writer)
-        lr_scheduler.step()
-        if output_dir is not None:
+        log.info(f"training epochs {args.start_epoch}..{args.epochs - 1}, saving to {output_dir}")
+        start = time.time()
+        for epoch in range(args.start_epoch, args.epochs):
+            sampler_train.set_epoch(epoch)
+            train_stats = train_one_epoch(train_model, criterion, loader_train, optimizer, device, epoch,
+                                          max_norm=args.clip_max_norm, amp=args.amp, print_freq=args.print_freq,
+                                          writer=writer)
+            lr_scheduler.step()
             rng_states = all_gather_object(rng_state(device))  # every process's, for an exact resume
             if rank == 0:
                 save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                  "lr_scheduler": lr_scheduler.state_dict(), "epoch": epoch, "args": vars(args),
-                                 "rng_states": rng_states, "category_names": category_names(dataset_train.coco)},
+                                 "rng_states": rng_states, "category_names": category_names(dataset_train.coco),
+                                 "train_stats": train_stats},
                                 output_dir, epoch, args.lr_drop)
-        test_stats = run_evaluation()
-        if writer is not None:
-            _log_epoch(output_dir, writer, epoch, train_stats, test_stats)
-    log.info(f"training time {datetime.timedelta(seconds=round(time.time() - start))}")
-    if writer is not None:
-        writer.close()
+            last.path, last.epoch, last.evaluated = output_dir / "checkpoint.pth", epoch, False
+            _log_epoch(output_dir, writer, epoch, train_stats, run_evaluation())
+            last.evaluated = True
+        log.info(f"training time {datetime.timedelta(seconds=round(time.time() - start))}")
+
+
+def _prepare_output_dir(args: argparse.Namespace) -> Path | None:
+    """This run's output folder (see training.run_dir), created and writable, the same on every process;
+    for training, cleared of the temporary files of a killed run's writes.
+
+    Sets args.output_dir to it, so that the checkpoints' saved arguments name it.
+    """
+    decision = None
+    if get_rank() == 0:  # the one process that writes decides, and tries the folder
+        folder, what = choose_output_dir(args)
+        try:
+            if folder is not None:
+                make_writable_dir(folder, what)
+            decision = (folder, what, None)
+        except InputError as err:
+            decision = (folder, what, str(err))
+    folder, what, problem = all_gather_object(decision)[0]
+    if problem:
+        raise InputError(problem)
+    if folder is None:
+        return None
+    args.output_dir = str(folder)
+    if what != "--output_dir":
+        log.info(f"no --output_dir given: saving to {what}, {folder}")
+    stale = remove_stale_temporaries(folder) if get_rank() == 0 and not args.eval else []
+    if stale:
+        log.info(f"removed {len(stale)} temporary file(s) left in {folder} by a write that was killed: "
+                 f"{', '.join(path.name for path in stale)}")
+    return folder
+
+
+def _epochs_left(checkpoint: dict[str, Any], args: argparse.Namespace, evaluate_first: bool) -> bool:
+    """Whether --epochs leaves anything to do after the resumed checkpoint's epochs: training, or only the
+    evaluation of its last epoch. --epochs below the epochs trained is an error; equal to them, a message."""
+    trained = checkpoint["epoch"] + 1
+    if args.epochs < trained:
+        raise InputError(f"--epochs {args.epochs}: the --resume checkpoint {args.resume} has already trained "
+                         f"{trained} epochs (0..{trained - 1}); pass --epochs above {trained} to train on, or "
+                         "--eval to evaluate it")
+    if args.epochs == trained:
+        left = " (its last epoch's evaluation, cut short, is run)" if evaluate_first else ""
+        log.info(f"--resume: the checkpoint has trained all --epochs {args.epochs}, nothing is left to train{left}; "
+                 "pass a larger --epochs to train on")
+    return args.epochs > trained or evaluate_first
+
+
+def _unlogged(output_dir: Path, epoch: int) -> bool:
+    """Whether log.txt lacks `epoch`, as the main process reads it (all processes must evaluate alike)."""
+    return all_gather_object(epoch not in logged_epochs(output_dir) if get_rank() == 0 else None)[0]
+
+
+def _load_weights(model: torch.nn.Module, checkpoint: dict[str, Any], args: argparse.Namespace) -> None:
+    """The checkpoint's weights into `model`; a mismatch names the saved arguments that differ from the flags,
+    and --finetune logs the class-head tensors it re-initialised."""
+    source = args.resume or args.finetune
+    try:
+        skipped = load_model_weights(model, checkpoint["model"], finetune=bool(args.finetune))
+    except InputError as err:
+        differences = architecture_differences(checkpoint.get("args"), args)
+        hint = f"; the flags differ from the checkpoint's saved arguments: {', '.join(differences)}" if differences \
+            else ""
+        raise InputError(f"{source}: {err}{hint}") from err
+    if args.finetune:
+        log.info(f"--finetune: re-initialised {len(skipped)} class-head tensor(s) whose size differs from the "
+                 f"checkpoint's: {', '.join(skipped)}" if skipped else
+                 "--finetune: every tensor loaded from the checkpoint (its class heads fit --num_classes)")
 
 
 def _checkpoint_num_classes(checkpoint: dict[str, Any]) -> int:
@@ -337,13 +432,12 @@ def _apply_schedule_flags(optimizer: torch.optim.Optimizer, lr_scheduler: torch.
              f"{drops} drop(s) the learning rates are now {lr_scheduler._last_lr}")
 
 
-def _log_epoch(output_dir: Path, writer: SummaryWriter, epoch: int, train_stats: dict[str, float],
+def _log_epoch(output_dir: Path, writer: SummaryWriter | None, epoch: int, train_stats: dict[str, float],
                test_stats: dict[str, float]) -> None:
-    """One JSON line per epoch in log.txt, and the test metrics to TensorBoard."""
-    stats = {"epoch": epoch, **{f"train_{k}": v for k, v in train_stats.items()},
-             **{f"test_{k}": v for k, v in test_stats.items()}}
-    with (output_dir / "log.txt").open("a") as f:
-        f.write(json.dumps(stats) + "\n")
+    """The epoch's line in log.txt, and its test metrics in TensorBoard (by the main process, `writer` given)."""
+    if writer is None:
+        return
+    log_epoch(output_dir, epoch, train_stats, test_stats)
     for name, value in test_stats.items():
         writer.add_scalar(f"test/{name}", value, epoch)
     writer.flush()

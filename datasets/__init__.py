@@ -1,14 +1,19 @@
 """Data sets from command-line flags: COCO 2017 (`--coco_path`) or any COCO-format JSON and image folder."""
 import argparse
+import logging
 from pathlib import Path
 
-from torch import Tensor
-
 from datasets.coco import CocoDetection, category_ids, load_coco
-from datasets.transforms import Target, make_transforms
+from datasets.loading import DetectionLoader, collate_fn
+from datasets.transforms import make_transforms
 from deta.errors import InputError
 
 COCO_LAYOUT = "train2017/, val2017/ and annotations/instances_{train,val}2017.json"
+SHOWN_SKIPPED = 5  # file names listed in the log line of --skip_mismatched_images
+
+log = logging.getLogger(__name__)
+
+__all__ = ["DetectionLoader", "build_dataset", "collate_fn", "parse_sizes", "resolve_num_classes"]
 
 
 def _data_paths(image_set: str, args: argparse.Namespace) -> list[tuple[Path, str]]:
@@ -70,9 +75,10 @@ def parse_sizes(text: str) -> list[int]:
 
 
 def build_dataset(image_set: str, args: argparse.Namespace) -> CocoDetection:
-    """The 'train' (augmented) or 'val' data set named by the data flags.
+    """The 'train' (augmented) or 'val' data set named by the data flags; logs its summary line.
 
-    Category ids are checked against `resolve_num_classes(args)`, so labels always fit the class head.
+    Category ids are checked against `resolve_num_classes(args)`, so labels always fit the class head. A data
+    set without images, or without a box that training would keep, is an error.
     """
     if image_set not in ("train", "val"):
         raise ValueError(f"image_set must be 'train' or 'val', got {image_set!r}")
@@ -81,9 +87,19 @@ def build_dataset(image_set: str, args: argparse.Namespace) -> CocoDetection:
     _require(image_dir, images_flag, is_dir=True)
     transforms = make_transforms(image_set == "train", parse_sizes(args.train_sizes), args.max_size,
                                  args.eval_size, args.bigger)
-    return CocoDetection(image_dir, ann_file, transforms, num_classes=resolve_num_classes(args))
-
-
-def collate_fn(batch: list[tuple[Tensor, Target]]) -> tuple[list[Tensor], list[Target]]:
-    """Keep images as a list: they differ in size and the model pads them itself."""
-    return [image for image, _ in batch], [target for _, target in batch]
+    dataset = CocoDetection(image_dir, ann_file, transforms, num_classes=resolve_num_classes(args),
+                            skip_mismatched=args.skip_mismatched_images)
+    if dataset.skipped:
+        shown = ", ".join(dataset.skipped[:SHOWN_SKIPPED]) + (", ..." if len(dataset.skipped) > SHOWN_SKIPPED else "")
+        log.info(f"--skip_mismatched_images: left out {len(dataset.skipped)} {image_set} images whose size matches "
+                 f"neither the JSON's width/height nor their EXIF-turned form: {shown}")
+    if not dataset.ids:
+        what = "every image was left out by --skip_mismatched_images" if dataset.skipped else "it lists no images"
+        raise InputError(f"{json_flag}: {ann_file} gives an empty data set ({what}); pass an annotation file "
+                         "with images")
+    if dataset.summary.boxes == 0:
+        consequence = "nothing to train on" if image_set == "train" else "every AP would be -1"
+        raise InputError(f"{json_flag}: {ann_file} has no usable box ({consequence}): {dataset.summary}; check "
+                         "the bbox values (COCO [x, y, width, height] in pixels), image ids and iscrowd flags")
+    log.info(f"{image_set} data {ann_file}: {dataset.summary}")
+    return dataset

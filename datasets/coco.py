@@ -4,6 +4,7 @@ import functools
 import io
 import json
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +16,12 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as F
 
-from datasets.images import open_image, to_rgb
+from datasets.checks import summarize
+from datasets.images import follows_exif, header, open_image, orientation, to_rgb, turned_size, upright
 from datasets.transforms import Target, remove_empty_boxes
 from deta.errors import InputError
 
+HEADER_READERS = 8  # threads reading image headers for --skip_mismatched_images
 # Keys every entry needs: pycocotools indexes by the ids, the target needs bbox, COCOeval needs area.
 REQUIRED_KEYS = {
     "images": ("id", "file_name"),
@@ -36,9 +39,33 @@ def _check_coco_format(data: Any, path: Path) -> None:
             missing = [key for key in keys if key not in entry]
             if missing:
                 raise InputError(f"{path}: {section}[{index}] lacks {', '.join(missing)}; fix the file")
+    for index, image in enumerate(data["images"]):
+        for key in ("width", "height"):
+            if key in image and not (_is_whole(image[key]) and image[key] > 0):
+                raise InputError(f"{path}: image id {image['id']} (images[{index}]) has {key} {_shown(image[key])}, "
+                                 "not a positive whole number of pixels; fix the file")
     for index, annotation in enumerate(data["annotations"]):
-        if len(annotation["bbox"]) != 4:
-            raise InputError(f"{path}: annotations[{index}] bbox is not [x, y, w, h]; fix the file")
+        bbox = annotation["bbox"]
+        if not (isinstance(bbox, list) and len(bbox) == 4 and all(map(_is_number, bbox))):
+            raise InputError(f"{path}: annotation id {annotation['id']} (annotations[{index}]) has bbox "
+                             f"{_shown(bbox)}, not [x, y, width, height] of 4 numbers; fix the file")
+        if isinstance(annotation["category_id"], bool) or not isinstance(annotation["category_id"], int):
+            raise InputError(f"{path}: annotation id {annotation['id']} (annotations[{index}]) has category_id "
+                             f"{_shown(annotation['category_id'])}, not an integer; fix the file")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _is_whole(value: Any) -> bool:
+    return _is_number(value) and (isinstance(value, int) or value.is_integer())
+
+
+def _shown(value: Any, limit: int = 60) -> str:
+    """A JSON value for a one-line message, shortened."""
+    text = json.dumps(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 @functools.lru_cache(maxsize=2)
@@ -49,6 +76,10 @@ def _load_coco(path: Path, mtime_ns: int) -> COCO:
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise InputError(f"{path}: not valid JSON ({err}); pass a COCO-format annotation file") from err
     _check_coco_format(data, path)
+    return _index(data)
+
+
+def _index(data: dict) -> COCO:
     coco = COCO()
     coco.dataset = data
     with contextlib.redirect_stdout(io.StringIO()):  # createIndex prints its progress
@@ -88,11 +119,17 @@ def check_category_ids(coco: COCO, path: str | Path, num_classes: int | None) ->
 
 def prepare_target(annotations: list[dict], image_id: int, width: int, height: int) -> Target:
     """Target of one image in pixels: crowd regions dropped, boxes XYXY clamped to the image, empty ones
-    dropped (degenerate boxes must never reach the loss)."""
+    dropped (degenerate boxes must never reach the loss). `datasets.checks` counts what is dropped and why.
+
+    Boxes with a NaN or infinite coordinate are dropped too (the official code would clamp an infinite side to
+    the image's edge and train on it).
+    """
     annotations = [a for a in annotations if not a.get("iscrowd", 0)]
     boxes = torch.tensor([a["bbox"] for a in annotations], dtype=torch.float32).reshape(-1, 4)
-    boxes[:, 2:] += boxes[:, :2]
     labels = torch.tensor([a["category_id"] for a in annotations], dtype=torch.int64)
+    finite = boxes.isfinite().all(1)
+    boxes, labels = boxes[finite], labels[finite]
+    boxes[:, 2:] += boxes[:, :2]
     target = {
         "boxes": F.clamp_bounding_boxes(tv_tensors.BoundingBoxes(boxes, format="XYXY",
                                                                   canvas_size=(height, width))),
@@ -109,16 +146,28 @@ class CocoDetection(Dataset):
 
     Target keys: `boxes` (float32 Nx4, cxcywh normalised by the transformed image size), `labels`
     (int64 category ids), `image_id` (int64 scalar), `orig_size` and `size` (int64 [H, W]), `area`,
-    `iscrowd`. `coco` is the pycocotools index, for evaluation.
+    `iscrowd`. `coco` is the pycocotools index, for evaluation; `summary` counts the boxes kept and dropped.
+
+    Each image is read in the frame its annotations were made in: turned by its EXIF orientation when that
+    gives the JSON's width and height (see `images.follows_exif`). An image that has neither size is an error
+    when it loads; with `skip_mismatched` every image header is read at start and such images are left out
+    (`skipped` names them), of `coco` too, so that evaluation does not count them as missed.
     """
 
     def __init__(self, image_dir: str | Path, ann_file: str | Path,
                  transforms: Callable[[Image.Image, Target], tuple[Tensor, Target]],
-                 num_classes: int | None = None):
+                 num_classes: int | None = None, skip_mismatched: bool = False):
         self.image_dir = Path(image_dir)
+        self.ann_file = Path(ann_file)
         self.coco = load_coco(ann_file)
         check_category_ids(self.coco, ann_file, num_classes)
         self.ids = sorted(self.coco.imgs)
+        mismatched = set(self._mismatched()) if skip_mismatched else set()
+        self.skipped = [self.coco.imgs[i]["file_name"] for i in sorted(mismatched)]
+        self.ids = [i for i in self.ids if i not in mismatched]
+        self.summary = summarize(self.coco, self.ids)
+        if mismatched:
+            self.coco = _without_images(self.coco, mismatched)
         self.transforms = transforms
 
     def __len__(self) -> int:
@@ -126,6 +175,39 @@ class CocoDetection(Dataset):
 
     def __getitem__(self, index: int) -> tuple[Tensor, Target]:
         image_id = self.ids[index]
-        image = to_rgb(open_image(self.image_dir / self.coco.imgs[image_id]["file_name"]))
+        path = self.image_dir / self.coco.imgs[image_id]["file_name"]
+        image = open_image(path)
+        turn = follows_exif(image.size, orientation(image), self._annotated_size(image_id))
+        if turn is None:
+            raise InputError(self._mismatch(path, image.size, orientation(image), image_id))
+        image = to_rgb(upright(image) if turn else image)
         target = prepare_target(self.coco.imgToAnns[image_id], image_id, image.width, image.height)
         return self.transforms(image, target)
+
+    def _annotated_size(self, image_id: int) -> tuple[int, int] | None:
+        info = self.coco.imgs[image_id]
+        return (int(info["width"]), int(info["height"])) if "width" in info and "height" in info else None
+
+    def _mismatch(self, path: Path, size: tuple[int, int], orientation_value: int, image_id: int) -> str:
+        (width, height), (turned_w, turned_h) = size, turned_size(size, orientation_value)
+        annotated_w, annotated_h = self._annotated_size(image_id)
+        return (f"{path}: the image is {width}x{height} as stored and {turned_w}x{turned_h} as displayed (EXIF "
+                f"orientation {orientation_value}), but {self.ann_file} gives {annotated_w}x{annotated_h}, so its "
+                "boxes would land on the wrong pixels; correct width/height there (or the image file), or pass "
+                "--skip_mismatched_images to leave such images out")
+
+    def _mismatched(self) -> list[int]:
+        """Ids of the images whose stored and displayed sizes both differ from the JSON's (headers only)."""
+        sized = [i for i in self.ids if self._annotated_size(i) is not None]
+        paths = [self.image_dir / self.coco.imgs[i]["file_name"] for i in sized]
+        with ThreadPoolExecutor(HEADER_READERS) as pool:  # reading headers waits on the disk, not the CPU
+            headers = list(pool.map(header, paths))
+        return [i for i, (size, orientation_value) in zip(sized, headers, strict=True)
+                if follows_exif(size, orientation_value, self._annotated_size(i)) is None]
+
+
+def _without_images(coco: COCO, image_ids: set[int]) -> COCO:
+    """A new index of `coco`'s data without these images and their annotations."""
+    data = {**coco.dataset, "images": [i for i in coco.dataset["images"] if i["id"] not in image_ids],
+            "annotations": [a for a in coco.dataset["annotations"] if a["image_id"] not in image_ids]}
+    return _index(data)

@@ -5,6 +5,8 @@ PNG turns white) and cannot convert premultiplied alpha. EXIF orientation is a s
 photos from phones store their pixels sideways with a tag saying how to turn them; whether the
 annotations follow the stored or the displayed frame is decided by the caller (`upright`, `orientation`).
 """
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +14,7 @@ from PIL import Image, ImageOps
 
 from deta.errors import InputError
 
+FIX = "replace the file or drop it from the annotations"  # what to do about an unreadable image
 EXIF_ORIENTATION_TAG = 0x0112
 # EXIF orientations 5-8 turn the image by 90 degrees: displayed width and height are the stored ones swapped.
 TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)
@@ -20,15 +23,28 @@ _SIXTEEN_BIT_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N")
 _UINT16_TO_UINT8 = 255 / 65535
 
 
-def open_image(path: str | Path, fix: str = "replace the file or drop it from the annotations") -> Image.Image:
-    """The image file at `path`, decoded (first frame); an unreadable file raises InputError naming it and
-    suggesting `fix`."""
+@contextlib.contextmanager
+def _opened(path: str | Path, fix: str) -> Iterator[Image.Image]:
+    """The image file at `path`, open; an unreadable file raises InputError naming it and suggesting `fix`."""
     try:
         with Image.open(path) as image:
-            image.load()
-            return image
+            yield image
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:  # PIL's "unreadable"
         raise InputError(f"{path}: cannot read image ({err}); {fix}") from err
+
+
+def open_image(path: str | Path, fix: str = FIX) -> Image.Image:
+    """The image file at `path`, decoded (first frame); an unreadable file raises InputError naming it and
+    suggesting `fix`."""
+    with _opened(path, fix) as image:
+        image.load()
+        return image
+
+
+def header(path: str | Path, fix: str = FIX) -> tuple[tuple[int, int], int]:
+    """((width, height) as stored, EXIF orientation) of an image file, without decoding its pixels."""
+    with _opened(path, fix) as image:
+        return image.size, orientation(image)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -57,8 +73,26 @@ def orientation(image: Image.Image) -> int:
 
 def displayed_size(image: Image.Image) -> tuple[int, int]:
     """(width, height) of the image as EXIF-aware viewers show it."""
-    width, height = image.size
-    return (height, width) if orientation(image) in TRANSPOSING_ORIENTATIONS else (width, height)
+    return turned_size(image.size, orientation(image))
+
+
+def turned_size(size: tuple[int, int], orientation_value: int) -> tuple[int, int]:
+    """(width, height) of an image stored at `size` once turned by this EXIF orientation."""
+    width, height = size
+    return (height, width) if orientation_value in TRANSPOSING_ORIENTATIONS else (width, height)
+
+
+def follows_exif(size: tuple[int, int], orientation_value: int, annotated: tuple[int, int] | None) -> bool | None:
+    """Whether the annotations of an image stored at `size` (width, height) with this EXIF orientation are in
+    its displayed frame (True: turn it) or its stored one (False), judged by the size they were made for,
+    `annotated`; None when neither frame has that size.
+
+    Annotation tools draw on the displayed image, so that frame wins where both fit (square images, flips,
+    half turns) and where there is no size to compare.
+    """
+    if annotated is None or turned_size(size, orientation_value) == annotated:
+        return True
+    return False if size == annotated else None
 
 
 def upright(image: Image.Image) -> Image.Image:
@@ -66,7 +100,7 @@ def upright(image: Image.Image) -> Image.Image:
     return ImageOps.exif_transpose(image) if orientation(image) != 1 else image
 
 
-def read_rgb(path: str | Path, fix: str = "replace the file or drop it from the annotations") -> Image.Image:
+def read_rgb(path: str | Path, fix: str = FIX) -> Image.Image:
     """A photo as viewers show it: EXIF orientation applied, 8-bit RGB (for prediction, where no annotation
     says otherwise)."""
     return to_rgb(upright(open_image(path, fix)))

@@ -41,6 +41,8 @@ def resized_shape(height: int, width: int, size: int, max_size: int | None = Non
         short, long = float(min(height, width)), float(max(height, width))
         if long / short * size > max_size:
             size = round(max_size * short / long)
+            if size == 0:  # e.g. 4000x3 under max_size 1000, where the official code fails: 1 pixel, squeezed
+                return (max_size, 1) if width < height else (1, max_size)
     if min(height, width) == size:
         return height, width
     if width < height:

@@ -25,14 +25,15 @@ from .formats.hf import category_names as hf_category_names
 from .formats.hf import model_args as hf_model_args
 from .formats.official import from_official, to_official
 
-__all__ = ["SOURCE_FORMATS", "TARGET_FORMATS", "convert_state_dict", "describe", "detect_format", "from_official",
-           "from_ours", "load_checkpoint", "load_model_weights", "save_atomically", "save_hf_folder",
-           "state_dict_problems", "to_official"]
+__all__ = ["HF_FOLDER_FILES", "SOURCE_FORMATS", "TARGET_FORMATS", "convert_state_dict", "describe", "detect_format",
+           "from_official", "from_ours", "load_checkpoint", "load_model_weights", "save_atomically", "save_hf_folder",
+           "save_text_atomically", "state_dict_problems", "to_official"]
 
 StateDict = dict[str, Tensor]
 # Files of a HuggingFace model folder, in order of preference.
 _HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 _HF_CONFIG = "config.json"
+HF_FOLDER_FILES = (_HF_WEIGHTS[0], _HF_CONFIG)  # what save_hf_folder writes
 # Training state that only means something to the code base that wrote it (its parameter order).
 _PORTABLE_FORMATS = ("deta", "official")
 
@@ -131,7 +132,8 @@ def load_model_weights(model: nn.Module, state_dict: Mapping[str, Tensor], finet
     problems = state_dict_problems(model, state_dict)
     if problems:
         raise InputError(f"checkpoint does not fit the model built from these flags ({describe(problems)}); "
-                         "check --backbone, --num_feature_levels, --num_classes and the layer counts")
+                         "check --backbone, --hidden_dim, --nheads, --num_feature_levels, --num_queries, "
+                         "--num_classes, --dim_feedforward and the layer counts")
     model.load_state_dict(state_dict)
     return skipped
 
@@ -158,6 +160,11 @@ def save_atomically(obj: object, path: str | os.PathLike,
         raise
 
 
+def save_text_atomically(text: str, path: str | os.PathLike) -> None:
+    """`text` (UTF-8) to `path` through a temporary file, like `save_atomically`."""
+    save_atomically(text, path, lambda obj, file: file.write(obj.encode()))
+
+
 def save_hf_folder(state_dict: Mapping[str, Tensor], config: Mapping[str, Any], folder: str | os.PathLike) -> None:
     """An HF model folder: model.safetensors and config.json, each written atomically (weights first)."""
     folder = Path(folder)
@@ -167,5 +174,4 @@ def save_hf_folder(state_dict: Mapping[str, Tensor], config: Mapping[str, Any], 
     tensors = {key: value.detach().contiguous().clone() for key, value in state_dict.items()}
     save_atomically(tensors, folder / _HF_WEIGHTS[0],
                     lambda obj, file: file.write(safetensors_bytes(obj, metadata={"format": "pt"})))
-    save_atomically(config, folder / _HF_CONFIG,
-                    lambda obj, file: file.write(json.dumps(obj, indent=2).encode() + b"\n"))
+    save_text_atomically(json.dumps(config, indent=2) + "\n", folder / _HF_CONFIG)

@@ -12,6 +12,7 @@ Nothing is written unless every key maps and every shape fits. docs/MODEL_ZOO.md
 commands for each published checkpoint.
 """
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -19,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import deta
 from deta.checkpoint import (
+    HF_FOLDER_FILES,
     SOURCE_FORMATS,
     TARGET_FORMATS,
     describe,
@@ -34,6 +36,7 @@ from main import model_args
 
 
 def convert(source: str, target: str, source_format: str, target_format: str, overrides: list[str]) -> None:
+    _refuse_to_overwrite(Path(source), Path(target), target_format)
     checkpoint = load_checkpoint(source, source_format)
     args = model_args(checkpoint, source, overrides)
     args.device = "cpu"
@@ -52,6 +55,20 @@ def convert(source: str, target: str, source_format: str, target_format: str, ov
                                                                         "args": args}
     save_atomically(contents, target)
     print(f"wrote {target}: {len(state_dict)} tensors ({target_format} format)")
+
+
+def _refuse_to_overwrite(source: Path, target: Path, target_format: str) -> None:
+    """The output must not replace what is read: a training checkpoint converted in place would lose its
+    optimizer, schedule, epoch and RNG state (detrex), or be replaced before the conversion is checked.
+    Compared as files, so symbolic and hard links count."""
+    read = [source, *source.iterdir()] if source.is_dir() else [source]
+    written = [target, *(target / name for name in HF_FOLDER_FILES)] if target_format == "hf" else [target]
+    for out in written:
+        same = next((path for path in read if out.exists() and path.exists() and os.path.samefile(out, path)), None)
+        if same is not None:
+            link = "" if out.absolute() == same.absolute() else ", through a link"
+            raise InputError(f"{target}: the output is the input {same} (the same file{link}); converting would "
+                             "overwrite what it reads, pass another output path")
 
 
 def main() -> None:

@@ -69,18 +69,36 @@ def plot(runs: dict[str, list[dict]]) -> Figure:
     return figure
 
 
+def _check_out(out: Path) -> None:
+    """--out names a PNG file in an existing folder (checked before the logs are read)."""
+    if out.is_dir():
+        raise InputError(f"--out {out}: a folder; pass the PNG file to write")
+    if not out.parent.is_dir():
+        raise InputError(f"--out {out}: folder {out.parent} does not exist; create it, or pass a path in an "
+                         "existing folder")
+
+
+def _save(figure: Figure, out: Path) -> None:
+    try:
+        figure.savefig(out)
+    except OSError as err:
+        raise InputError(f"--out {out}: cannot write it ({err.strerror or err}); pass a path you can write to") \
+            from err
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("runs", nargs="+", help="main.py output folders (or their log.txt files)")
     parser.add_argument("--out", default="logs.png", help="PNG to write")
     options = parser.parse_args(argv)
+    out = Path(options.out)
     try:
-        figure = plot({run: read_log(Path(run)) for run in options.runs})
+        _check_out(out)
+        _save(plot({run: read_log(Path(run)) for run in options.runs}), out)
     except InputError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
-    figure.savefig(options.out)
-    print(f"wrote {options.out}")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -145,6 +145,16 @@ def predict(checkpoint_path: str, inputs: list[str], out_dir: Path, score_thresh
           + (f"; skipped {len(unreadable)} unreadable: {', '.join(map(str, unreadable))}" if unreadable else ""))
 
 
+def _output_folder(out: str) -> Path:
+    """--out as a folder that can be created: not a file, nor inside one (checked before the model loads)."""
+    path = Path(out)
+    blocking = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise InputError(f"--out {out}: {blocking} is a file, and --out is the folder the drawings and JSON files "
+                         "go to; pass a folder (it is created if missing)")
+    return path
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      epilog="main.py flags after '--' override the checkpoint's model arguments")
@@ -159,8 +169,8 @@ def main(argv: list[str] | None = None) -> None:
     split = argv.index("--") if "--" in argv else len(argv)
     options = parser.parse_intermixed_args(argv[:split])
     try:
-        predict(options.resume, options.images, Path(options.out), options.score_threshold, options.names_json,
-                argv[split + 1:])
+        predict(options.resume, options.images, _output_folder(options.out), options.score_threshold,
+                options.names_json, argv[split + 1:])
     except InputError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

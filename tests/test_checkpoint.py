@@ -1,6 +1,10 @@
 """Reading, checking and writing checkpoints: clear errors and nothing half-written."""
 import argparse
 import datetime
+import os
+import shutil
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +20,7 @@ from deta.checkpoint import (
 )
 from deta.errors import InputError
 from main import get_args_parser
+from scripts import convert_checkpoint
 
 FLAGS = ["--backbone", "resnet18", "--pretrained_backbone", "none", "--enc_layers", "1", "--dec_layers", "1",
          "--hidden_dim", "64", "--nheads", "2", "--dim_feedforward", "64", "--num_queries", "10",
@@ -110,3 +115,48 @@ def test_atomic_save_leaves_the_previous_file_intact_on_failure(tmp_path):
         save_atomically({"epoch": 2, "bad": Unpicklable()}, path)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pth"]
+
+
+@pytest.fixture(scope="module")
+def training_checkpoint(tmp_path_factory) -> Path:
+    """A small model's checkpoint as main.py writes it: weights, arguments and training state."""
+    args = get_args_parser().parse_args(FLAGS)
+    model = deta.build_model(args)[0]
+    path = tmp_path_factory.mktemp("ckpt") / "checkpoint.pth"
+    torch.save({"model": model.state_dict(), "args": vars(args), "epoch": 3, "optimizer": {"state": {}}}, path)
+    return path
+
+
+def _convert(monkeypatch, capsys, *argv: str) -> str:
+    monkeypatch.setattr(sys, "argv", ["convert_checkpoint.py", *argv])
+    with pytest.raises(SystemExit) as exit_info:
+        convert_checkpoint.main()
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    return err
+
+
+@pytest.mark.parametrize("target_format", ["deta", "official", "detrex", "hf"])
+@pytest.mark.parametrize("link", ["same path", "symlink", "hard link"])
+def test_convert_refuses_to_overwrite_its_input(training_checkpoint, tmp_path, monkeypatch, capsys, target_format,
+                                                link):
+    source = tmp_path / "checkpoint.pth"
+    shutil.copy(training_checkpoint, source)
+    before = source.read_bytes()
+    target = {"same path": source, "symlink": tmp_path / "link.pth", "hard link": tmp_path / "hard.pth"}[link]
+    if link == "symlink":
+        target.symlink_to(source)
+    elif link == "hard link":
+        os.link(source, target)
+    err = _convert(monkeypatch, capsys, "--to", target_format, str(source), str(target))
+    assert f"error: {target}: the output is the input {source} (the same file" in err
+    assert source.read_bytes() == before
+
+
+def test_convert_refuses_to_write_an_hf_folder_over_itself(training_checkpoint, tmp_path, monkeypatch, capsys):
+    convert_checkpoint.convert(str(training_checkpoint), str(tmp_path / "hf"), "auto", "hf", [])
+    before = (tmp_path / "hf" / "model.safetensors").read_bytes()
+    err = _convert(monkeypatch, capsys, "--to", "hf", str(tmp_path / "hf"), str(tmp_path / "hf"))
+    assert "the output is the input" in err
+    assert (tmp_path / "hf" / "model.safetensors").read_bytes() == before

@@ -3,6 +3,7 @@ import argparse
 import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -11,6 +12,7 @@ from torchvision.transforms import v2
 
 from datasets import build_dataset, collate_fn, resolve_num_classes
 from datasets.coco import CocoDetection, prepare_target
+from datasets.images import EXIF_ORIENTATION_TAG
 from datasets.synthetic import generate
 from datasets.transforms import (
     IMAGENET_MEAN,
@@ -26,7 +28,7 @@ from deta.errors import InputError
 # main.py's data flags, with sizes small enough for CPU tests
 DEFAULTS = {"coco_path": None, "train_json": None, "train_images": None, "val_json": None, "val_images": None,
             "train_sizes": "64,80", "max_size": 128, "eval_size": 80, "bigger": False, "num_classes": None,
-            "eval": False}
+            "eval": False, "skip_mismatched_images": False}
 
 
 @pytest.fixture(scope="module")
@@ -80,9 +82,20 @@ def pixel_boxes(target) -> torch.Tensor:
     (64, 96, 80, 100, (67, 100)),  # size lowered to round(66.7)
     (10, 40, 50, 102, (26, 104)),  # the official rounding overshoots max_size for elongated images
     (80, 120, 80, None, (80, 120)),
+    (3, 4000, 800, 1333, (1, 1333)),
+    (3, 4000, 80, 128, (1, 128)),  # the official rounding gives a 0-pixel side (and PIL fails)
+    (4000, 3, 80, 128, (128, 1)),
 ])
 def test_resized_shape_matches_official_rounding(height, width, size, max_size, expected):
     assert resized_shape(height, width, size, max_size) == expected
+
+
+def test_a_4000x3_image_evaluates_with_its_box(tmp_path):
+    ann_file, image_dir = write_coco(tmp_path, [("strip.png", 4000, 3)],
+                                     [{"image_id": 1, "bbox": [1000, 0, 2000, 3], "category_id": 1}])
+    image, target = CocoDetection(image_dir, ann_file, make_transforms(False, [64], 128, 80))[0]
+    assert image.shape == (3, 1, 128) and target["orig_size"].tolist() == [3, 4000]
+    torch.testing.assert_close(pixel_boxes(target), torch.tensor([[32.0, 0.0, 96.0, 1.0]]))
 
 
 def test_eval_transform_exact_size_and_values():
@@ -228,6 +241,135 @@ def test_crowd_degenerate_and_outside_boxes_are_removed(tmp_path):
     torch.manual_seed(0)
     for _ in range(10):
         assert train[1][1]["boxes"].shape == (0, 4)
+
+
+def test_summary_counts_each_dropped_box_once_by_reason(tmp_path):
+    ann_file, image_dir = write_coco(tmp_path, [("a.png", 96, 64), ("b.png", 80, 64), ("c.png", 40, 40)], [
+        {"image_id": 1, "bbox": [10, 10, 20, 20], "category_id": 1},
+        {"image_id": 1, "bbox": [-5, 50, 20, 30], "category_id": 1},  # kept, clamped to the image
+        {"image_id": 1, "bbox": [0, 0, 10, 10], "category_id": 1, "iscrowd": 1},
+        {"image_id": 1, "bbox": [5, 5, 0, 10], "category_id": 1},
+        {"image_id": 1, "bbox": [5, 5, 10, -1], "category_id": 1},
+        {"image_id": 1, "bbox": [100, 10, 5, 5], "category_id": 1},
+        {"image_id": 2, "bbox": [float("nan"), 1, 5, 5], "category_id": 1},
+        {"image_id": 2, "bbox": [1, 1, float("inf"), 5], "category_id": 1},
+        {"image_id": 9, "bbox": [1, 1, 5, 5], "category_id": 1},
+        {"image_id": 3, "bbox": [1, 1, 5, 5], "category_id": 1, "iscrowd": 1},  # a crowd-only image
+    ])
+    dataset = CocoDetection(image_dir, ann_file, make_transforms(False, [64], 1000, 64))
+    assert str(dataset.summary) == (
+        "3 images, 2 boxes kept, 8 dropped (1 with an unknown image id, 2 crowd, 2 NaN/inf, 2 degenerate (width or "
+        "height <= 0), 1 entirely outside the image), 2 images without boxes")  # b: NaN/inf only, c: crowd only
+    assert sum(len(dataset[i][1]["boxes"]) for i in range(len(dataset))) == dataset.summary.boxes
+
+
+def test_each_split_logs_its_summary(shapes, caplog):
+    with caplog.at_level("INFO"):
+        build_dataset("val", make_args(shapes))
+    (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("val data")]
+    assert line.startswith(f"val data {shapes['val_json']}: 3 images, ") and "images without boxes" in line
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_no_usable_box_is_an_error(tmp_path, split):
+    ann_file, image_dir = write_coco(tmp_path, [("a.png", 32, 32)], [
+        {"image_id": 1, "bbox": [1, 1, 5, 5], "category_id": 1, "iscrowd": 1},
+        {"image_id": 1, "bbox": [40, 1, 5, 5], "category_id": 1},
+    ])
+    args = make_args(**{f"{split}_json": str(ann_file), f"{split}_images": str(image_dir)}, num_classes=2)
+    assert_input_error(lambda: build_dataset(split, args), f"--{split}_json", ann_file, "no usable box",
+                       "1 crowd, 1 entirely outside the image")
+
+
+def test_an_empty_data_set_says_so_not_batch_size(tmp_path):
+    ann_file, image_dir = write_coco(tmp_path, [], [])
+    args = make_args(train_json=str(ann_file), train_images=str(image_dir), num_classes=2)
+    with pytest.raises(InputError, match="empty data set") as info:
+        build_dataset("train", args)
+    assert str(ann_file) in str(info.value) and "--batch_size" not in str(info.value)
+
+
+def train_args(folder, data) -> argparse.Namespace:
+    """Training flags for `data` written as folder/bad.json, with an empty image folder."""
+    (folder / "bad.json").write_text(json.dumps(data))
+    (folder / "images").mkdir()
+    return make_args(train_json=str(folder / "bad.json"), train_images=str(folder / "images"), num_classes=2)
+
+
+@pytest.mark.parametrize("bbox", [["1", 2, 3, 4], [1, 2, 3], None, "1,2,3,4", [1, 2, 3, True], {"x": 1}])
+def test_malformed_bbox_names_the_file_and_the_annotation_id(tmp_path, bbox):
+    data = {"images": [{"id": 1, "file_name": "a.png"}], "categories": [{"id": 1}],
+            "annotations": [{"id": 7, "image_id": 1, "category_id": 1, "area": 4.0, "bbox": bbox}]}
+    assert_input_error(lambda: build_dataset("train", train_args(tmp_path, data)), tmp_path / "bad.json",
+                       "annotation id 7", "[x, y, width, height] of 4 numbers")
+
+
+@pytest.mark.parametrize(("entry", "needle"), [
+    ({"width": "640"}, 'image id 1 (images[0]) has width "640"'),
+    ({"height": float("inf")}, "image id 1 (images[0]) has height Infinity"),
+    ({"width": 0}, "image id 1 (images[0]) has width 0"),
+    ({"category_id": "1"}, 'annotation id 7 (annotations[0]) has category_id "1"'),
+])
+def test_malformed_sizes_and_category_ids_name_the_file_and_the_id(tmp_path, entry, needle):
+    annotation = {"id": 7, "image_id": 1, "category_id": 1, "area": 4.0, "bbox": [1, 1, 2, 2]}
+    image = {"id": 1, "file_name": "a.png", "width": 32, "height": 32}
+    for key, value in entry.items():
+        (annotation if key == "category_id" else image)[key] = value
+    data = {"images": [image], "categories": [{"id": 1}], "annotations": [annotation]}
+    assert_input_error(lambda: build_dataset("train", train_args(tmp_path, data)), tmp_path / "bad.json", needle)
+
+
+# --- image frames: EXIF orientation and the JSON's size -------------------------------------------
+
+def phone_photo(folder, json_size):
+    """A 32x16 JPEG with EXIF orientation 6 (shown turned clockwise: 16x32, its red left side on top) and an
+    annotation file giving `json_size` (or no size), with one box over the top of the displayed image."""
+    (folder / "images").mkdir()
+    pixels = np.zeros((16, 32, 3), dtype=np.uint8)
+    pixels[:, :8] = (255, 0, 0)
+    exif = Image.Exif()
+    exif[EXIF_ORIENTATION_TAG] = 6
+    Image.fromarray(pixels).save(folder / "images" / "phone.jpg", exif=exif, quality=100)
+    size = {"width": json_size[0], "height": json_size[1]} if json_size else {}
+    data = {"images": [{"id": 1, "file_name": "phone.jpg", **size}], "categories": [{"id": 1}],
+            "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "area": 128.0, "bbox": [0, 0, 16, 8]}]}
+    (folder / "ann.json").write_text(json.dumps(data))
+    return folder / "ann.json", folder / "images"
+
+
+@pytest.mark.parametrize(("json_size", "turned"), [((16, 32), True), (None, True), ((32, 16), False)])
+def test_exif_orientation_is_applied_when_it_gives_the_json_size(tmp_path, json_size, turned):
+    ann_file, image_dir = phone_photo(tmp_path, json_size)
+    dataset = CocoDetection(image_dir, ann_file, make_transforms(False, [16], 1000, 16))
+    image, target = dataset[0]
+    assert str(dataset.summary) == "1 image, 1 box kept, 0 images without boxes" + (
+        "" if json_size else "; 1 image without width/height in the JSON, whose size is not checked against the file")
+    assert target["orig_size"].tolist() == ([32, 16] if turned else [16, 32])
+    red = image[0] > 1.0  # normalised red channel: high only where the pixels are red
+    if turned:  # the box lies on the red top of the displayed image
+        assert red[:8].all() and not red[8:].any()
+    else:
+        assert red[:, :8].all() and not red[:, 8:].any()
+
+
+def test_an_image_matching_neither_size_is_an_error_or_skipped(tmp_path, caplog):
+    ann_file, image_dir = phone_photo(tmp_path, (40, 30))
+    transforms = make_transforms(False, [16], 1000, 16)
+    assert_input_error(lambda: CocoDetection(image_dir, ann_file, transforms)[0], image_dir / "phone.jpg",
+                       "32x16 as stored", "16x32 as displayed", "40x30", ann_file, "--skip_mismatched_images")
+
+    data = json.loads(ann_file.read_text())
+    Image.new("RGB", (20, 10)).save(image_dir / "plain.png")
+    data["images"].append({"id": 2, "file_name": "plain.png", "width": 20, "height": 10})
+    data["annotations"].append({"id": 2, "image_id": 2, "category_id": 1, "area": 4.0, "bbox": [1, 1, 2, 2]})
+    ann_file.write_text(json.dumps(data))
+    args = make_args(val_json=str(ann_file), val_images=str(image_dir), num_classes=2, skip_mismatched_images=True)
+    with caplog.at_level("INFO"):
+        dataset = build_dataset("val", args)
+    assert dataset.ids == [2] and dataset.skipped == ["phone.jpg"] and list(dataset.coco.imgs) == [2]
+    assert dataset.summary.dropped == {"on skipped images": 1}
+    assert any("--skip_mismatched_images: left out 1 val images" in r.getMessage() and "phone.jpg" in r.getMessage()
+               for r in caplog.records)
 
 
 def test_collate_keeps_lists_of_different_sizes(shapes):

@@ -3,7 +3,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from datasets.images import EXIF_ORIENTATION_TAG, displayed_size, open_image, orientation, read_rgb, to_rgb, upright
+from datasets.images import (
+    EXIF_ORIENTATION_TAG,
+    displayed_size,
+    follows_exif,
+    header,
+    open_image,
+    orientation,
+    read_rgb,
+    to_rgb,
+    upright,
+)
 from deta.errors import InputError
 
 
@@ -85,3 +95,24 @@ def test_unreadable_file_names_itself_and_the_fix(tmp_path):
     (tmp_path / "broken.jpg").write_bytes(b"not an image")
     with pytest.raises(InputError, match=r"broken.jpg: cannot read image .*; skipped$"):
         open_image(tmp_path / "broken.jpg", fix="skipped")
+
+
+@pytest.mark.parametrize(("size", "orientation_value", "annotated", "expected"), [
+    ((32, 16), 6, (16, 32), True),  # annotated as displayed
+    ((32, 16), 6, (32, 16), False),  # annotated as stored
+    ((32, 16), 6, (40, 30), None),  # neither
+    ((32, 16), 6, None, True),  # no size to compare: as displayed
+    ((32, 32), 8, (32, 32), True),  # both fit: as displayed, as annotation tools show it
+    ((32, 16), 3, (32, 16), True),  # a half turn keeps the size
+    ((32, 16), 1, (16, 32), None),
+])
+def test_annotations_follow_the_frame_of_their_size(size, orientation_value, annotated, expected):
+    assert follows_exif(size, orientation_value, annotated) is expected
+
+
+def test_header_reads_size_and_orientation_without_decoding(tmp_path):
+    _photo(tmp_path / "phone.jpg", 6)
+    assert header(tmp_path / "phone.jpg") == ((32, 16), 6)
+    (tmp_path / "broken.jpg").write_bytes(b"not an image")
+    with pytest.raises(InputError, match=r"broken.jpg: cannot read image"):
+        header(tmp_path / "broken.jpg")

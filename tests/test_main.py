@@ -2,6 +2,7 @@
 import argparse
 import json
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -105,13 +106,14 @@ def test_resume_applies_a_new_schedule_and_says_so(data_flags: list[str], one_ep
                                                    capsys: pytest.CaptureFixture) -> None:
     """Extending a run as official users do: the learning rate that dropped after epoch 0 (--lr_drop 1) is
     back at --lr for epoch 1 under --lr_drop 5."""
-    shutil.copy(one_epoch / "checkpoint.pth", tmp_path / "checkpoint.pth")
+    for name in ("checkpoint.pth", "log.txt"):  # epoch 0 finished: trained, saved and logged
+        shutil.copy(one_epoch / name, tmp_path / name)
     run_main(*TINY, *data_flags, "--epochs", "2", "--lr_drop", "5", "--resume", str(tmp_path / "checkpoint.pth"),
              "--output_dir", str(tmp_path))
     out = capsys.readouterr().out
     assert "--resume: training to --epochs 2 (the checkpoint's run planned 1)" in out
     assert "--resume: applying --lr_drop 5 (checkpoint: 1); after 1 epochs with 0 drop(s)" in out
-    (line,) = (tmp_path / "log.txt").read_text().splitlines()
+    _, line = (tmp_path / "log.txt").read_text().splitlines()
     assert json.loads(line)["epoch"] == 1 and json.loads(line)["train_lr"] == pytest.approx(2e-4)
     checkpoint = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
     assert checkpoint["lr_scheduler"]["step_size"] == 5 and checkpoint["args"]["lr_drop"] == 5
@@ -184,9 +186,12 @@ def test_eval_of_an_official_checkpoint(data_flags: list[str], one_epoch: Path, 
 
 
 def test_finetune_replaces_a_class_head_of_another_size(data_flags: list[str], one_epoch: Path,
-                                                        tmp_path: Path) -> None:
+                                                        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     run_main(*TINY, *data_flags, "--epochs", "1", "--num_classes", "9", "--finetune", str(one_epoch / "checkpoint.pth"),
              "--output_dir", str(tmp_path))
+    assert ("--finetune: re-initialised 4 class-head tensor(s) whose size differs from the checkpoint's: "
+            "class_embed.0.weight, class_embed.0.bias, class_embed.1.weight, class_embed.1.bias"
+            ) in capsys.readouterr().out
     source, tuned = weights(one_epoch / "checkpoint.pth"), weights(tmp_path / "checkpoint.pth")
     assert tuned["class_embed.0.bias"].shape == (9,)
     assert tuned["backbone.0.body.conv1.weight"].shape == source["backbone.0.body.conv1.weight"].shape
@@ -253,13 +258,20 @@ def test_resume_rejects_an_unusable_optimizer_state(spoil, message: str, data_fl
     (("--coco_path", "/nonexistent/coco"), "error: --coco_path: file /nonexistent/coco/annotations/instances_"),
     (("--resume", "a.pth", "--finetune", "b.pth"), "error: --resume and --finetune exclude each other"),
     (("--resume", "{corrupt}"), "error: checkpoint {corrupt}: cannot be read as a PyTorch checkpoint"),
+    (("--lr_drop", "0"), "error: --lr_drop 0: must be 1 or more"),
+    (("--hidden_dim", "48"), "error: --hidden_dim 48: must be a multiple of 32"),
+    (("--eval",), "error: --eval needs the checkpoint to evaluate: pass --resume CKPT"),
+    # before any data or checkpoint is read: neither is given or readable here
+    (("--output_dir", "{file}/run"), "error: --output_dir {file}/run: cannot write there (Not a directory)"),
+    (("--eval", "--resume", "{corrupt}", "--output_dir", "{file}"), "error: --output_dir {file}: cannot write there"),
 ])
 def test_bad_input_is_a_one_line_error(flags: tuple[str, ...], message: str, tmp_path: Path,
                                        capsys: pytest.CaptureFixture) -> None:
-    corrupt = tmp_path / "corrupt.pth"
+    corrupt, file = tmp_path / "corrupt.pth", tmp_path / "file"
     corrupt.write_bytes(b"\x80\x02 definitely not a checkpoint")
-    flags = tuple(flag.format(corrupt=corrupt) for flag in flags)
-    message = message.format(corrupt=corrupt)
+    file.write_text("a file, not a folder")
+    flags = tuple(flag.format(corrupt=corrupt, file=file) for flag in flags)
+    message = message.format(corrupt=corrupt, file=file)
     with pytest.raises(SystemExit) as exit_info:
         run_main(*TINY, *flags)
     assert exit_info.value.code == 2
@@ -270,4 +282,179 @@ def test_bad_input_is_a_one_line_error(flags: tuple[str, ...], message: str, tmp
 def test_bad_input_exits_without_traceback() -> None:
     result = run_script(*TINY, "--eval")
     assert result.returncode == 2
-    assert result.stderr.startswith("error: no val data") and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith("error: --eval needs the checkpoint to evaluate: pass --resume CKPT")
+    assert result.stderr.count("\n") == 1, result.stderr
+
+
+# --- runs that must not lose work ------------------------------------------------------------------
+
+def _copy_run(one_epoch: Path, folder: Path, *names: str) -> Path:
+    """The files of the one-epoch run (trained, saved and logged) in `folder`; returns its checkpoint."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names or ("checkpoint.pth", "log.txt"):
+        shutil.copy(one_epoch / name, folder / name)
+    return folder / "checkpoint.pth"
+
+
+def _one_line(err: str) -> str:
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    return err
+
+
+def test_without_output_dir_a_run_saves_where_it_says(data_flags: list[str], tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch,
+                                                       capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.chdir(tmp_path)
+    run_main(*TINY, *data_flags, "--epochs", "1")
+    (folder,) = (tmp_path / "outputs").iterdir()
+    assert f"no --output_dir given: saving to the default output folder, outputs/{folder.name}" in \
+        capsys.readouterr().out
+    assert torch.load(folder / "checkpoint.pth", weights_only=True)["epoch"] == 0
+
+    run_main(*TINY, *data_flags, "--epochs", "2", "--resume", str(folder / "checkpoint.pth"))
+    assert f"no --output_dir given: saving to the --resume checkpoint's folder, {folder}" in capsys.readouterr().out
+    assert torch.load(folder / "checkpoint.pth", weights_only=True)["epoch"] == 1
+    assert [json.loads(line)["epoch"] for line in (folder / "log.txt").read_text().splitlines()] == [0, 1]
+    assert len(list((tmp_path / "outputs").iterdir())) == 1
+
+
+def test_epochs_at_or_below_the_resumed_epoch_say_so(data_flags: list[str], one_epoch: Path, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture) -> None:
+    checkpoint = _copy_run(one_epoch, tmp_path)
+    before = checkpoint.read_bytes()
+    stale = [tmp_path / ".checkpoint.pth.k9x2z1ab.tmp", tmp_path / ".checkpoint0004.pth.q1w2e3r4.tmp"]
+    not_ours = tmp_path / ".notes.txt.tmp"
+    for path in [*stale, not_ours]:
+        path.write_bytes(b"half a checkpoint")
+    run_main(*TINY, *data_flags, "--epochs", "1", "--resume", str(checkpoint))
+    out = capsys.readouterr().out
+    assert "--resume: the checkpoint has trained all --epochs 1, nothing is left to train; pass a larger" in out
+    assert "removed 2 temporary file(s) left in" in out and not any(path.exists() for path in stale)
+    assert not_ours.exists() and checkpoint.read_bytes() == before
+
+    later = torch.load(checkpoint, weights_only=True)
+    later["epoch"] = 3
+    torch.save(later, tmp_path / "epoch3.pth")
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(*TINY, *data_flags, "--epochs", "2", "--resume", str(tmp_path / "epoch3.pth"))
+    assert exit_info.value.code == 2
+    assert _one_line(capsys.readouterr().err).startswith(
+        f"error: --epochs 2: the --resume checkpoint {tmp_path / 'epoch3.pth'} has already trained 4 epochs (0..3); "
+        "pass --epochs above 4")
+
+
+def test_a_checkpoint_of_another_architecture_names_the_differing_flags(
+        data_flags: list[str], one_epoch: Path, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):
+        run_main(*TINY, *data_flags, "--eval", "--resume", str(one_epoch / "checkpoint.pth"), "--hidden_dim", "32")
+    err = _one_line(capsys.readouterr().err)
+    assert "check --backbone, --hidden_dim" in err
+    assert err.rstrip().endswith("the flags differ from the checkpoint's saved arguments: --hidden_dim 32 "
+                                 "(checkpoint: 64)")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_during_a_checkpoint_write_leaves_the_last_one_and_says_how_to_resume(
+        signum: int, data_flags: list[str], one_epoch: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture) -> None:
+    checkpoint = _copy_run(one_epoch, tmp_path)
+    before = checkpoint.read_bytes()
+    save_atomically = main_module.save_checkpoint.__globals__["save_atomically"]
+
+    def write_half_then_signal(obj: object, file) -> None:
+        file.write(b"the first half of a checkpoint")
+        os.kill(os.getpid(), signum)  # Python runs the handler at its next instruction, here
+        torch.save(obj, file)
+
+    monkeypatch.setitem(main_module.save_checkpoint.__globals__, "save_atomically",
+                        lambda obj, path: save_atomically(obj, path, write_half_then_signal))
+    flags = [*TINY, *data_flags, "--epochs", "2"]
+    monkeypatch.setattr(sys, "argv", ["main.py", *flags, "--output_dir", "elsewhere", "--resume", "old.pth"])
+    handlers = [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)]
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(*flags, "--resume", str(checkpoint), "--output_dir", str(tmp_path))
+    assert exit_info.value.code == 128 + signum
+    resume = shlex.join([sys.executable, "main.py", *flags, "--output_dir", str(tmp_path), "--resume", str(checkpoint)])
+    assert _one_line(capsys.readouterr().err) == (
+        f"error: interrupted by {signal.Signals(signum).name}; the last good checkpoint is {checkpoint} (epoch 0); "
+        f"resume with: {resume}\n")
+    assert checkpoint.read_bytes() == before
+    assert {p.name for p in tmp_path.iterdir() if not p.name.startswith("events.out")} == {"checkpoint.pth", "log.txt"}
+    assert [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)] == handlers
+
+
+def test_resume_finishes_the_evaluation_a_kill_cut_short(data_flags: list[str], tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture) -> None:
+    flags = [*TINY, *data_flags, "--epochs", "1", "--output_dir", str(tmp_path)]
+    killed = subprocess.Popen([sys.executable, str(REPO / "main.py"), *flags], cwd=REPO, env=ENV,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in killed.stdout:
+        if line.startswith("Test [1/2]"):  # epoch 0 is saved, its evaluation under way
+            killed.send_signal(signal.SIGKILL)
+            break
+    killed.wait(timeout=60)
+    assert killed.returncode == -signal.SIGKILL
+    assert torch.load(tmp_path / "checkpoint.pth", weights_only=True)["epoch"] == 0
+    assert not (tmp_path / "log.txt").exists()
+
+    run_main(*flags, "--resume", str(tmp_path / "checkpoint.pth"))
+    out = capsys.readouterr().out
+    assert f"--resume: epoch 0 has a checkpoint but no line in {tmp_path / 'log.txt'}" in out
+    assert "nothing is left to train (its last epoch's evaluation, cut short, is run)" in out
+    (line,) = (tmp_path / "log.txt").read_text().splitlines()
+    stats = json.loads(line)
+    assert stats["epoch"] == 0 and stats["train_loss"] > 0 and 0 <= stats["test_AP"] <= 1
+    assert (tmp_path / "coco_stats.json").is_file()
+
+
+def test_sigterm_to_the_process_group_with_workers_is_one_line_and_the_resume_command_works(
+        data_flags: list[str], tmp_path: Path) -> None:
+    flags = [*TINY, *data_flags, "--epochs", "1", "--num_workers", "2", "--output_dir", str(tmp_path)]
+    stopped = subprocess.Popen([sys.executable, str(REPO / "main.py"), *flags], cwd=REPO, env=ENV,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    for line in stopped.stdout:
+        if line.startswith("Test [1/2]"):
+            os.killpg(stopped.pid, signal.SIGTERM)  # as Slurm does: every process of the job, workers included
+            break
+    _, err = stopped.communicate(timeout=60)
+    assert stopped.returncode == 128 + signal.SIGTERM
+    assert _one_line(err).startswith(f"error: interrupted by SIGTERM; the last good checkpoint is {tmp_path}/"
+                                     "checkpoint.pth (epoch 0, whose evaluation was cut short and runs first on "
+                                     "resume); resume with: ")
+    assert not list(tmp_path.glob(".*.tmp"))
+
+    python, script, *resume_flags = shlex.split(err.split("resume with: ", 1)[1])
+    assert (python, script) == (sys.executable, str(REPO / "main.py"))
+    run_main(*resume_flags)  # the command as printed, in this process
+    assert [json.loads(line)["epoch"] for line in (tmp_path / "log.txt").read_text().splitlines()] == [0]
+
+
+def test_ctrl_c_under_torchrun_is_one_line_from_the_first_process(data_flags: list[str], tmp_path: Path) -> None:
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    flags = [*TINY, *data_flags, "--epochs", "1", "--output_dir", str(tmp_path)]
+    stopped = subprocess.Popen([*launcher, str(REPO / "main.py"), *flags], cwd=REPO, env=ENV,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    for line in stopped.stdout:
+        if line.startswith("Epoch [0] [1/1]"):
+            os.killpg(stopped.pid, signal.SIGINT)  # as the terminal does
+            break
+    _, err = stopped.communicate(timeout=60)
+    assert stopped.returncode != 0
+    # torchrun adds its own lines about the signal; of ours there is one
+    (ours,) = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert ours.startswith("error: interrupted by SIGINT; there is no checkpoint to resume from, run again with: "
+                           f"{shlex.join([*launcher, str(REPO / 'main.py')])}")
+    assert "Traceback" not in err.split("error: interrupted")[0]  # no process of ours printed one
+
+
+def test_a_bad_image_read_by_a_worker_is_one_line(data_flags: list[str], tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture) -> None:
+    paths = dict(flag.lstrip("-").split("=", 1) for flag in data_flags)
+    images = tmp_path / "train"
+    shutil.copytree(paths["train_images"], images)
+    (images / "000002.png").write_bytes(b"not a png")
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(*TINY, *data_flags, "--train_images", str(images), "--num_workers", "2", "--epochs", "1",
+                 "--output_dir", str(tmp_path / "run"))
+    assert exit_info.value.code == 2
+    assert _one_line(capsys.readouterr().err).startswith(f"error: {images / '000002.png'}: cannot read image")

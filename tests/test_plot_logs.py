@@ -49,3 +49,17 @@ def test_bad_logs_are_one_line_errors(tmp_path: Path, capsys: pytest.CaptureFixt
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize(("out", "message"), [
+    ("missing/curves.png", "--out {tmp}/missing/curves.png: folder {tmp}/missing does not exist; create it"),
+    (".", "--out {tmp}: a folder; pass the PNG file to write"),
+])
+def test_bad_out_is_a_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixture, out: str, message: str) -> None:
+    run = _write_log(tmp_path / "run", 2)
+    with pytest.raises(SystemExit) as exit_info:
+        plot_logs.main([str(run), "--out", str((tmp_path / out).resolve() if out == "." else tmp_path / out)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: " + message.format(tmp=tmp_path)) and err.count("\n") == 1, err
+    assert not (tmp_path / "missing").exists()

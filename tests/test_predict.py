@@ -96,3 +96,18 @@ def test_bad_input_is_one_line_and_status_2(images: Path, checkpoint: Path, tmp_
         predict.main(["--resume", str(checkpoint), str(images), "--out", str(tmp_path), *flags])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.strip().startswith(message)
+
+
+@pytest.mark.parametrize("inside", [False, True])
+def test_out_naming_a_file_is_one_line_before_the_model_loads(images: Path, tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture, inside: bool) -> None:
+    file = tmp_path / "result.png"
+    file.write_bytes(b"an earlier drawing")
+    out = file / "sub" if inside else file
+    with pytest.raises(SystemExit) as exit_info:  # the checkpoint does not exist: it is never read
+        predict.main(["--resume", str(tmp_path / "missing.pth"), str(images), "--out", str(out)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err == f"error: --out {out}: {file} is a file, and --out is the folder the drawings and JSON files go " \
+                  "to; pass a folder (it is created if missing)\n"
+    assert file.read_bytes() == b"an earlier drawing"

@@ -13,16 +13,34 @@ import torch
 
 from deta.checkpoint import save_atomically
 
+# What save_atomically names its temporary files (`.NAME.<random>.tmp`), for the files a run writes.
+_TEMPORARIES = (".checkpoint*.pth.*.tmp", ".log.txt.*.tmp", ".coco_results.json.*.tmp", ".coco_stats.json.*.tmp")
+
 
 def save_checkpoint(checkpoint: dict[str, Any], output_dir: Path, epoch: int, lr_drop: int) -> list[Path]:
     """`checkpoint.pth` every epoch, plus `checkpoint{epoch:04}.pth` before each learning-rate drop and
-    every 5 epochs (the official choice of kept checkpoints). Returns the paths written."""
+    every 5 epochs (the official choice of kept checkpoints). Returns the paths written.
+
+    `checkpoint.pth` is written last: once it holds an epoch, so does every file of that epoch, and a run
+    stopped between the two resumes from the previous epoch, which writes them again.
+    """
     paths = [output_dir / "checkpoint.pth"]
     if (epoch + 1) % lr_drop == 0 or (epoch + 1) % 5 == 0:
-        paths.append(output_dir / f"checkpoint{epoch:04}.pth")
+        paths.insert(0, output_dir / f"checkpoint{epoch:04}.pth")
     for path in paths:
         save_atomically(checkpoint, path)
     return paths
+
+
+def remove_stale_temporaries(output_dir: Path) -> list[Path]:
+    """Delete the temporary files that `save_atomically` leaves when its process is killed outright (kill -9,
+    an out-of-memory kill, a node failure) while writing a checkpoint, log.txt or the COCO results; returns
+    them. Only those names are touched: `.NAME.<random>.tmp` for our NAMEs."""
+    stale = sorted(path for pattern in _TEMPORARIES for path in output_dir.glob(pattern) if path.is_file())
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
 
 
 def seed_everything(seed: int) -> None:
