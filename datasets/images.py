@@ -87,12 +87,12 @@ def follows_exif(size: tuple[int, int], orientation_value: int, annotated: tuple
     its displayed frame (True: turn it) or its stored one (False), judged by the size they were made for,
     `annotated`; None when neither frame has that size.
 
-    Annotation tools draw on the displayed image, so that frame wins where both fit (square images, flips,
-    half turns) and where there is no size to compare.
+    The stored frame wins where the size cannot tell (both frames fit: square images, flips, half turns; or
+    no size given): it is how the official code reads every image, so that COCO trains as in the paper.
     """
-    if annotated is None or turned_size(size, orientation_value) == annotated:
-        return True
-    return False if size == annotated else None
+    if annotated is None or size == annotated:
+        return False
+    return True if turned_size(size, orientation_value) == annotated else None
 
 
 def upright(image: Image.Image) -> Image.Image:

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -292,7 +292,7 @@ def run_case(runner: Runner, case: Case, setting: Setting) -> Result:
     else:
         step = lambda: runner.train_step(case.images, case.targets)
     if case.latency and getattr(runner, "measures_floor", False):
-        with FlopCounterMode(display=False) as flops:
+        with FlopCounterMode(display=False, custom_mapping=FUSED_FLOPS) as flops:
             step()  # the untimed call
         seconds, peak = measure(step, replace(setting, warmup=0, iters=1))
         outside = seconds_outside_matmuls(step) if setting.device.type == "cpu" else None
@@ -304,6 +304,18 @@ def run_case(runner: Runner, case: Case, setting: Setting) -> Result:
     return Result(len(case.images) / seconds, "img/s", peak)
 
 
+def _fused_linear_flops(x_shape: list[int], *args, out_shape: list[int], **kwargs) -> int:
+    return 2 * math.prod(out_shape) * x_shape[-1]
+
+
+def _fused_conv_flops(x_shape: list[int], *args, out_shape: list[int], **kwargs) -> int:
+    weight_shape = args[1] if len(args) == 12 else args[0]  # the .binary overload has `other` before the weight
+    return conv_flop_count(x_shape, weight_shape, out_shape)
+
+
+# FLOPs of oneDNN's fused inference ops (ops.linear, deta.folded_resnet), which FlopCounterMode does not know.
+FUSED_FLOPS = {torch.ops.mkldnn._linear_pointwise: _fused_linear_flops,
+               torch.ops.mkldnn._convolution_pointwise: _fused_conv_flops}
 MATMUL_OPS = frozenset((torch.ops.aten.addmm, torch.ops.aten.mm, torch.ops.aten.bmm, torch.ops.aten.baddbmm,
                         torch.ops.aten.convolution, torch.ops.aten._scaled_dot_product_flash_attention_for_cpu,
                         torch.ops.mkldnn._linear_pointwise, torch.ops.mkldnn._convolution_pointwise))

@@ -337,7 +337,7 @@ def phone_photo(folder, json_size):
     return folder / "ann.json", folder / "images"
 
 
-@pytest.mark.parametrize(("json_size", "turned"), [((16, 32), True), (None, True), ((32, 16), False)])
+@pytest.mark.parametrize(("json_size", "turned"), [((16, 32), True), (None, False), ((32, 16), False)])
 def test_exif_orientation_is_applied_when_it_gives_the_json_size(tmp_path, json_size, turned):
     ann_file, image_dir = phone_photo(tmp_path, json_size)
     dataset = CocoDetection(image_dir, ann_file, make_transforms(False, [16], 1000, 16))

@@ -101,9 +101,9 @@ def test_unreadable_file_names_itself_and_the_fix(tmp_path):
     ((32, 16), 6, (16, 32), True),  # annotated as displayed
     ((32, 16), 6, (32, 16), False),  # annotated as stored
     ((32, 16), 6, (40, 30), None),  # neither
-    ((32, 16), 6, None, True),  # no size to compare: as displayed
-    ((32, 32), 8, (32, 32), True),  # both fit: as displayed, as annotation tools show it
-    ((32, 16), 3, (32, 16), True),  # a half turn keeps the size
+    ((32, 16), 6, None, False),  # no size to compare: as stored, as the official code reads it
+    ((32, 32), 8, (32, 32), False),  # both fit: as stored
+    ((32, 16), 3, (32, 16), False),  # a half turn keeps the size: as stored
     ((32, 16), 1, (16, 32), None),
 ])
 def test_annotations_follow_the_frame_of_their_size(size, orientation_value, annotated, expected):
