@@ -27,7 +27,14 @@ from deta.errors import InputError
 from engine import NonFiniteLossError, evaluate, train_one_epoch
 from training.args_check import architecture_differences, validate_args
 from training.checkpointing import remove_stale_temporaries, rng_state, save_checkpoint, seed_everything, set_rng_state
-from training.distributed import all_gather_object, cleanup_distributed, get_rank, get_world_size, init_distributed
+from training.distributed import (
+    all_gather_object,
+    cleanup_distributed,
+    cpu_has_bf16_matmul,
+    get_rank,
+    get_world_size,
+    init_distributed,
+)
 from training.interrupts import Interrupted, LastCheckpoint, signals_raise
 from training.optim import build_optimizer, group_learning_rates
 from training.run_dir import choose_output_dir, make_writable_dir
@@ -207,6 +214,9 @@ def _run(args: argparse.Namespace, last: LastCheckpoint) -> None:
                         stream=sys.stdout, force=True)
     if args.amp and not (device.type == "cpu" or (device.type == "cuda" and torch.cuda.is_bf16_supported())):
         raise InputError(f"--amp: {device} has no bf16 support; drop --amp")
+    if args.amp and device.type == "cpu" and not cpu_has_bf16_matmul():
+        log.warning("warning: --amp on a CPU without AVX512-BF16 or AMX: bf16 matmuls run far slower than fp32 "
+                    "here (100x on an AVX2 machine); drop --amp")
     output_dir = last.output_dir = _prepare_output_dir(args)
     seed_everything(args.seed + rank)
     log.info(f"{world_size} process(es) on {device}; {args}")

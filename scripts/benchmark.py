@@ -491,13 +491,9 @@ def run(options: argparse.Namespace, overrides: list[str]) -> None:
 
 
 def bf16_instructions(device: torch.device) -> str:
-    """What this CPU offers bf16 matmuls (they run at a fraction of the fp32 rate without either)."""
+    """What this device offers bf16 matmuls (a CPU without AVX512-BF16 or AMX runs them far slower than fp32)."""
     if device.type == "cuda":
         return f"bf16 {'supported' if torch.cuda.is_bf16_supported() else 'not supported'}"
     found = [name for name, present in (("AVX512-BF16", torch.cpu._is_avx512_bf16_supported()),
                                         ("AMX", torch.cpu._is_amx_tile_supported())) if present]
     return f"bf16 instructions: {', '.join(found) or 'none (neither AVX512-BF16 nor AMX)'}"
-
-
-if __name__ == "__main__":
-    main()

@@ -67,3 +67,9 @@ def reduce_mean(values: dict[str, Tensor]) -> dict[str, float]:
         dist.all_reduce(stacked)
         stacked /= dist.get_world_size()
     return dict(zip(names, stacked.tolist(), strict=True))
+
+
+def cpu_has_bf16_matmul() -> bool:
+    """Whether this CPU multiplies bf16 matrices in hardware (AVX512-BF16 or AMX); without, oneDNN falls back
+    to a path far slower than fp32."""
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
