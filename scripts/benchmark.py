@@ -497,3 +497,7 @@ def bf16_instructions(device: torch.device) -> str:
     found = [name for name, present in (("AVX512-BF16", torch.cpu._is_avx512_bf16_supported()),
                                         ("AMX", torch.cpu._is_amx_tile_supported())) if present]
     return f"bf16 instructions: {', '.join(found) or 'none (neither AVX512-BF16 nor AMX)'}"
+
+
+if __name__ == "__main__":
+    main()
