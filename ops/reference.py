@@ -41,3 +41,51 @@ def ms_deform_attn_pytorch(
     weights = attention_weights.transpose(1, 2).reshape(batch * heads, 1, queries, levels * points)
     output = (torch.stack(sampled, dim=-2).flatten(-2) * weights).sum(-1)  # (B*heads, C, Q)
     return output.view(batch, heads * channels, queries).transpose(1, 2).contiguous()
+
+
+def ms_deform_attn_gather(
+    value: Tensor,
+    spatial_shapes: Tensor,
+    level_start_index: Tensor,
+    sampling_locations: Tensor,
+    attention_weights: Tensor,
+) -> Tensor:
+    """`ms_deform_attn_pytorch` by explicit gathers of each sample's four bilinear neighbours.
+
+    Same arguments, conventions and result (up to float rounding). It exists for ONNX export: it lowers to
+    standard ops (Gather, Floor, MatMul; no GridSample, which TensorRT miscompiles in deformable attention,
+    NVIDIA/TensorRT#4813), and the level sizes are read as tensors, never as Python numbers, so that the
+    image size stays a dynamic dimension of the exported graph.
+    """
+    batch, tokens, heads, channels = value.shape
+    _, queries, _, levels, points, _ = sampling_locations.shape
+    device = value.device
+    # Sizes broadcast against (B, Q, heads, levels, points, 4 neighbours).
+    height, width = spatial_shapes[:, 0, None, None], spatial_shapes[:, 1, None, None]
+    # Pixel coordinates with pixel centres on integers (align_corners=False).
+    x = sampling_locations[..., 0] * width.to(sampling_locations.dtype)[..., 0] - 0.5
+    y = sampling_locations[..., 1] * height.to(sampling_locations.dtype)[..., 0] - 0.5
+    x0, y0 = x.floor(), y.floor()
+    fx, fy = (x - x0)[..., None], (y - y0)[..., None]
+    # The four neighbours of a sample, as offsets (dx, dy) from its top-left one.
+    dx = torch.tensor([0, 1, 0, 1], device=device)
+    dy = torch.tensor([0, 0, 1, 1], device=device)
+    bilinear = torch.where(dx == 1, fx, 1 - fx) * torch.where(dy == 1, fy, 1 - fy)
+    xi = x0.long()[..., None] + dx
+    yi = y0.long()[..., None] + dy
+    # Zero padding: neighbours outside the map get weight 0 and read a valid row instead.
+    inside = (xi >= 0) & (xi < width) & (yi >= 0) & (yi < height)
+    weights = torch.where(inside, bilinear * attention_weights[..., None], 0.0).to(value.dtype)
+    token = torch.where(inside, level_start_index[:, None, None] + yi * width + xi, 0)
+    # One row per (image, token, head): row (b * tokens + token) * heads + head.
+    rows = value.reshape(batch * tokens * heads, channels)
+    image_head = (torch.arange(batch, device=device).view(batch, 1, 1, 1, 1, 1) * (tokens * heads)
+                  + torch.arange(heads, device=device).view(1, 1, heads, 1, 1, 1))
+    row = token * heads + image_head
+    output = None
+    for level in range(levels):  # one level's neighbours at a time bounds the gathered memory
+        neighbours = rows.index_select(0, row[:, :, :, level].flatten()).view(batch, queries, heads, points * 4,
+                                                                              channels)
+        sampled = torch.matmul(weights[:, :, :, level].flatten(3).unsqueeze(3), neighbours).squeeze(3)
+        output = sampled if output is None else output + sampled
+    return output.reshape(batch, queries, heads * channels)
