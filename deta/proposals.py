@@ -6,8 +6,10 @@ from torchvision.ops import batched_nms
 from .box_ops import box_cxcywh_to_xyxy
 
 
-def grid_proposals(padding_mask: Tensor, spatial_shapes: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def grid_proposals(padding_mask: Tensor, level_shapes: list[tuple[int, int]]) -> tuple[Tensor, Tensor, Tensor]:
     """A square box centred on every token, of side 0.05·2^level of the unpadded image.
+
+    `level_shapes`: (H, W) of each level, as sizes (symbolic in export), not a tensor.
 
     Returns:
         proposals: (B, S, 4) cxcywh in logit space; +inf for padded tokens and for boxes whose
@@ -18,7 +20,7 @@ def grid_proposals(padding_mask: Tensor, spatial_shapes: Tensor) -> tuple[Tensor
     batch = padding_mask.shape[0]
     proposals, level_ids = [], []
     start = 0
-    for level, (height, width) in enumerate(spatial_shapes.tolist()):
+    for level, (height, width) in enumerate(level_shapes):
         mask = padding_mask[:, start:start + height * width].view(batch, height, width)
         valid_h = (~mask[:, :, 0]).sum(1)
         valid_w = (~mask[:, 0, :]).sum(1)
