@@ -3,6 +3,7 @@ import torch
 from torch import Tensor
 from torchvision.ops import batched_nms
 
+from . import fixed_shape_nms
 from .box_ops import box_cxcywh_to_xyxy
 
 
@@ -88,7 +89,14 @@ def select_proposals(logits: Tensor, boxes: Tensor, level_ids: Tensor, candidate
 
     Returns:
         (B, num_queries) token indices.
+
+    In ONNX export, whose batches hold images of one size without padding, every token is a candidate and the
+    selection runs on the whole batch at once (`fixed_shape_nms`), as a graph with dynamic shapes must.
     """
+    if torch.onnx.is_in_onnx_export():
+        if use_nms:
+            return fixed_shape_nms.select_with_nms(logits, boxes, level_ids, num_queries, num_levels)
+        return fixed_shape_nms.top_indices(logits, num_queries)
     chosen = []
     for image_logits, image_boxes, candidates in zip(logits, boxes, candidate_mask, strict=True):
         index = candidates.nonzero()[:, 0]
