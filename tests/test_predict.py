@@ -12,6 +12,7 @@ from test_main import TINY
 import deta
 from datasets.synthetic import CATEGORIES, generate
 from deta.coco_categories import COCO_CATEGORY_NAMES
+from deta.inference import class_names
 from main import get_args_parser
 from scripts import predict
 
@@ -80,10 +81,11 @@ def test_threshold_above_every_score_leaves_images_unchanged(images: Path, check
 
 def test_class_names_come_from_the_flag_the_checkpoint_or_coco(images: Path) -> None:
     names_json = str(images.parent / "annotations" / "val.json")
-    assert predict.class_names({}, names_json, 6) == NAMES
-    assert predict.class_names({"category_names": {1: "a"}}, None, 6) == {1: "a"}
-    assert predict.class_names({}, None, 91) == COCO_CATEGORY_NAMES
-    assert predict.class_names({}, None, 6) == {}
+    assert class_names({}, names_json, 6) == NAMES
+    assert class_names({"category_names": {1: "a"}}, None, 6) == {1: "a"}
+    assert class_names({}, None, 91) == COCO_CATEGORY_NAMES
+    with pytest.warns(UserWarning, match="names none of its 6 classes"):
+        assert class_names({}, None, 6) == {}
 
 
 @pytest.mark.parametrize(("flags", "message"), [
