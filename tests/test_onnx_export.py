@@ -1,0 +1,125 @@
+"""scripts/export_onnx.py and deta.onnx_export: a small DETA in ONNX Runtime against PyTorch."""
+import json
+from pathlib import Path
+
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+from test_main import TINY
+
+import deta
+from deta.onnx_export import op_types, verify_onnx
+from main import get_args_parser
+from scripts import export_onnx
+
+NAMES = {1: "circle", 2: "square", 3: "triangle", 4: "ring", 5: "cross"}
+# Each in its own ONNX Runtime call: two sizes at batch 1 (the first with a 1×1 coarsest level, smaller than
+# the traced sizes), and a batch of two images of one size.
+BATCHES = {"96x128": (1, 96, 128), "160x224": (1, 160, 224), "2 of 128x96": (2, 128, 96)}
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    args = get_args_parser().parse_args([*TINY, "--num_classes", "6"])
+    torch.manual_seed(0)
+    model, _, _ = deta.build_model(args)
+    path = tmp_path_factory.mktemp("ckpt") / "checkpoint.pth"
+    torch.save({"model": model.state_dict(), "args": vars(args), "category_names": NAMES}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def exported(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The graph with post-processing, written by the command line (one export for every test: it takes a
+    minute)."""
+    out = tmp_path_factory.mktemp("onnx") / "tiny.onnx"
+    export_onnx.main(["--resume", str(checkpoint), "--out", str(out), "--postprocess", "--num_detections", "50"])
+    return out
+
+
+@pytest.fixture(scope="module")
+def detector(checkpoint: Path) -> deta.Detector:
+    return deta.Detector.from_checkpoint(checkpoint, device="cpu")
+
+
+def _images(batch: int, height: int, width: int) -> torch.Tensor:
+    return torch.randn(batch, 3, height, width, generator=torch.Generator().manual_seed(height))
+
+
+def test_graph_is_standard_onnx_with_dynamic_inputs_and_fixed_detections(exported: Path) -> None:
+    model = onnx.load(exported)
+    onnx.checker.check_model(model)
+    kinds = op_types(model)
+    assert "GridSample" not in kinds and {"Gather", "NonMaxSuppression", "TopK"} <= kinds
+    assert max(opset.version for opset in model.opset_import if opset.domain in ("", "ai.onnx")) >= 17
+    dims = {value.name: [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
+            for value in [*model.graph.input, *model.graph.output]}
+    batch, _, height, width = dims["images"]
+    assert all(isinstance(d, str) for d in (batch, height, width)) and dims["orig_sizes"] == [batch, 2]
+    assert dims["pred_logits"][1:] == [20, 6] and dims["pred_boxes"][1:] == [20, 4]
+    assert dims["scores"] == dims["labels"] == [batch, 50] and dims["boxes"] == [batch, 50, 4]
+    assert dims["num_valid"] == [batch]
+    metadata = {entry.key: entry.value for entry in model.metadata_props}
+    assert json.loads(metadata["deta_class_names"]) == {str(k): v for k, v in NAMES.items()}
+    assert json.loads(metadata["deta_preprocess"])["shorter_side"] == 96
+
+
+@pytest.mark.parametrize("shape", BATCHES.values(), ids=BATCHES.keys())
+def test_onnx_runtime_matches_pytorch(exported: Path, detector: deta.Detector, shape: tuple[int, int, int]) -> None:
+    images = _images(*shape)
+    sizes = torch.tensor([[480, 640]] * shape[0])
+    result = verify_onnx(exported, detector.model, detector.postprocess, images, sizes, "tiny")
+    assert result.ok and result.detections == "equal", str(result)
+    assert result.max_logit_difference < 1e-4 and result.max_box_difference < 1e-4
+
+
+def _with_initializer(model: onnx.ModelProto, suffix: str, change) -> onnx.ModelProto:
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    (tensor,) = [t for t in model.graph.initializer if t.name.endswith(suffix)]
+    tensor.CopyFrom(numpy_helper.from_array(change(numpy_helper.to_array(tensor)), tensor.name))
+    return model
+
+
+def _nms_thresholds(model: onnx.ModelProto) -> list[str]:
+    """Names of the iou_threshold inputs of the NonMaxSuppression nodes (proposals, then post-processing)."""
+    return [node.input[3] for node in model.graph.node if node.op_type == "NonMaxSuppression"]
+
+
+def test_a_wrong_graph_fails_the_comparison(exported: Path, detector: deta.Detector, tmp_path: Path) -> None:
+    images, sizes = _images(*BATCHES["160x224"]), torch.tensor([[480, 640]])
+    model = onnx.load(exported)
+    # A class bias off by 0.01: the logits are off.
+    wrong = tmp_path / "bias.onnx"
+    onnx.save(_with_initializer(model, "class_embed.0.bias", lambda bias: bias + 0.01), wrong)
+    result = verify_onnx(wrong, detector.model, detector.postprocess, images, sizes, "bias")
+    assert not result.ok and result.max_logit_difference > 1e-3
+    # The post-processing's NMS at IoU 0.1 instead of 0.7: the same logits, other detections.
+    threshold = _nms_thresholds(model)[-1]
+    loose = onnx.ModelProto.FromString(model.SerializeToString())
+    constants = [n for n in loose.graph.node if n.op_type == "Constant" and threshold in n.output]
+    if constants:
+        constants[0].attribute[0].t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(
+            constants[0].attribute[0].t) * 0 + 0.1))
+    else:
+        loose = _with_initializer(loose, threshold, lambda value: value * 0 + 0.1)
+    onnx.save(loose, wrong)
+    result = verify_onnx(wrong, detector.model, detector.postprocess, images, sizes, "nms")
+    assert result.max_logit_difference < 1e-4 and not result.ok and "not in" in result.detections
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--out", "{checkpoint}"], "--out {checkpoint}: that is the checkpoint being exported"),
+    (["--out", "{folder}"], "--out {folder}: a folder"),
+    (["--out", "{folder}/x.onnx", "--opset", "16"], "opset 16: the graph needs opset 17 or later"),
+    (["--out", "{folder}/x.onnx", "--", "--bogus"], "main.py flags after '--': unknown --bogus"),
+])
+def test_bad_input_is_one_line_and_status_2(checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
+                                            flags: list[str], message: str) -> None:
+    fill = {"checkpoint": checkpoint, "folder": tmp_path}
+    with pytest.raises(SystemExit) as exit_info:
+        export_onnx.main(["--resume", str(checkpoint), *[flag.format(**fill) for flag in flags]])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith(f"error: {message.format(**fill)}") and "\n" not in error
+    assert not list(tmp_path.glob("*.onnx")) and not list(tmp_path.glob(".*.tmp"))
