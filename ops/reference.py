@@ -60,11 +60,14 @@ def ms_deform_attn_gather(
     batch, tokens, heads, channels = value.shape
     _, queries, _, levels, points, _ = sampling_locations.shape
     device = value.device
-    # Sizes broadcast against (B, Q, heads, levels, points, 4 neighbours).
+    # One row n per (image, query, head), so that tensors keep few dimensions (cheaper to trace), and sizes
+    # that broadcast against (rows, levels, points, 4 neighbours).
+    rows = batch * queries * heads
+    locations = sampling_locations.reshape(rows, levels, points, 2)
     height, width = spatial_shapes[:, 0, None, None], spatial_shapes[:, 1, None, None]
     # Pixel coordinates with pixel centres on integers (align_corners=False).
-    x = sampling_locations[..., 0] * width.to(sampling_locations.dtype)[..., 0] - 0.5
-    y = sampling_locations[..., 1] * height.to(sampling_locations.dtype)[..., 0] - 0.5
+    x = locations[..., 0] * width.to(locations.dtype)[..., 0] - 0.5
+    y = locations[..., 1] * height.to(locations.dtype)[..., 0] - 0.5
     x0, y0 = x.floor(), y.floor()
     fx, fy = (x - x0)[..., None], (y - y0)[..., None]
     # The four neighbours of a sample, as offsets (dx, dy) from its top-left one.
@@ -75,17 +78,17 @@ def ms_deform_attn_gather(
     yi = y0.long()[..., None] + dy
     # Zero padding: neighbours outside the map get weight 0 and read a valid row instead.
     inside = (xi >= 0) & (xi < width) & (yi >= 0) & (yi < height)
-    weights = torch.where(inside, bilinear * attention_weights[..., None], 0.0).to(value.dtype)
+    weights = attention_weights.reshape(rows, levels, points, 1)
+    weights = torch.where(inside, bilinear * weights, 0.0).to(value.dtype)
     token = torch.where(inside, level_start_index[:, None, None] + yi * width + xi, 0)
-    # One row per (image, token, head): row (b * tokens + token) * heads + head.
-    rows = value.reshape(batch * tokens * heads, channels)
-    image_head = (torch.arange(batch, device=device).view(batch, 1, 1, 1, 1, 1) * (tokens * heads)
-                  + torch.arange(heads, device=device).view(1, 1, heads, 1, 1, 1))
+    # value as a table with one row per (image, token, head): row (b * tokens + token) * heads + head.
+    table = value.reshape(batch * tokens * heads, channels)
+    image_head = (torch.arange(batch, device=device)[:, None, None] * (tokens * heads)
+                  + torch.arange(heads, device=device)).expand(batch, queries, heads).reshape(rows, 1, 1, 1)
     row = token * heads + image_head
     output = None
     for level in range(levels):  # one level's neighbours at a time bounds the gathered memory
-        neighbours = rows.index_select(0, row[:, :, :, level].flatten()).view(batch, queries, heads, points * 4,
-                                                                              channels)
-        sampled = torch.matmul(weights[:, :, :, level].flatten(3).unsqueeze(3), neighbours).squeeze(3)
+        neighbours = table.index_select(0, row[:, level].reshape(-1)).view(rows, points * 4, channels)
+        sampled = torch.matmul(weights[:, level].reshape(rows, 1, points * 4), neighbours)
         output = sampled if output is None else output + sampled
-    return output.reshape(batch, queries, heads * channels)
+    return output.view(batch, queries, heads * channels)
