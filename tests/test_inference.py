@@ -11,14 +11,14 @@ from torchvision.transforms.v2 import functional as F
 
 import deta
 from datasets.images import EXIF_ORIENTATION_TAG, read_rgb
-from datasets.synthetic import generate
+from datasets.synthetic import CATEGORIES, generate
 from deta.checkpoint import to_official
 from deta.errors import InputError
 from main import get_args_parser
 from scripts import predict
 from training.coco_eval import coco_detections
 
-NAMES = {1: "circle", 2: "square", 3: "triangle", 4: "ring", 5: "cross"}
+NAMES = {category_id: name for category_id, name, _ in CATEGORIES}
 
 
 @pytest.fixture(scope="module")
@@ -38,24 +38,14 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A random small model saved as main.py saves it."""
-    args = get_args_parser().parse_args([*TINY, "--num_classes", "6"])
-    torch.manual_seed(0)
-    model, _, _ = deta.build_model(args)
-    path = tmp_path_factory.mktemp("ckpt") / "checkpoint.pth"
-    torch.save({"model": model.state_dict(), "args": vars(args), "category_names": NAMES}, path)
-    return path
+def detector(tiny_checkpoint: Path) -> deta.Detector:
+    return deta.Detector.from_checkpoint(tiny_checkpoint, device="cpu")
 
 
-@pytest.fixture(scope="module")
-def detector(checkpoint: Path) -> deta.Detector:
-    return deta.Detector.from_checkpoint(checkpoint, device="cpu")
-
-
-def test_pil_image_path_and_tensor_give_exactly_what_predict_writes(images: list[Path], checkpoint: Path,
+def test_pil_image_path_and_tensor_give_exactly_what_predict_writes(images: list[Path], tiny_checkpoint: Path,
                                                                      detector: deta.Detector, tmp_path: Path) -> None:
-    predict.main(["--resume", str(checkpoint), *map(str, images), "--out", str(tmp_path), "--score_threshold", "0"])
+    predict.main(["--resume", str(tiny_checkpoint), *map(str, images), "--out", str(tmp_path),
+                  "--score_threshold", "0"])
     written = json.loads((tmp_path / "detections.json").read_text())
     for image_id, path in enumerate(images, start=1):
         expected = [d for d in written if d["image_id"] == image_id]
@@ -87,9 +77,9 @@ def test_results_follow_torchvision_and_do_not_depend_on_the_batch(images: list[
         torch.testing.assert_close(batched["boxes"], alone["boxes"], rtol=0, atol=1e-3)
 
 
-def test_flags_bf16_and_class_names_of_an_official_checkpoint(images: list[Path], checkpoint: Path,
+def test_flags_bf16_and_class_names_of_an_official_checkpoint(images: list[Path], tiny_checkpoint: Path,
                                                               tmp_path: Path) -> None:
-    ours = torch.load(checkpoint, weights_only=True)
+    ours = torch.load(tiny_checkpoint, weights_only=True)
     official = tmp_path / "official.pth"
     torch.save({"model": to_official(ours["model"], two_stage=True, with_box_refine=True),
                 "args": argparse.Namespace(**ours["args"])}, official)
@@ -103,9 +93,9 @@ def test_flags_bf16_and_class_names_of_an_official_checkpoint(images: list[Path]
     assert result["scores"].dtype == torch.float32 and len(result["scores"]) == 100
 
 
-def test_a_checkpoint_without_arguments_needs_the_model_flags(checkpoint: Path, tmp_path: Path) -> None:
+def test_a_checkpoint_without_arguments_needs_the_model_flags(tiny_checkpoint: Path, tmp_path: Path) -> None:
     bare = tmp_path / "detrex.pth"
-    torch.save({"model": torch.load(checkpoint, weights_only=True)["model"]}, bare)
+    torch.save({"model": torch.load(tiny_checkpoint, weights_only=True)["model"]}, bare)
     with pytest.raises(InputError, match="saves no model arguments"):
         deta.Detector.from_checkpoint(bare)
     flags = vars(get_args_parser().parse_args(TINY))
@@ -125,6 +115,6 @@ def test_bad_images_are_input_errors(detector: deta.Detector, image: object, mes
         detector.predict(image)
 
 
-def test_unknown_flags_are_input_errors(checkpoint: Path) -> None:
+def test_unknown_flags_are_input_errors(tiny_checkpoint: Path) -> None:
     with pytest.raises(InputError, match="unknown main.py flag"):
-        deta.Detector.from_checkpoint(checkpoint, eval_sise=600)
+        deta.Detector.from_checkpoint(tiny_checkpoint, eval_sise=600)

@@ -6,49 +6,28 @@ import onnx
 import pytest
 import torch
 from onnx import numpy_helper
-from test_main import TINY
 
 import deta
+from datasets.synthetic import CATEGORIES
 from deta.onnx_export import op_types, verify_onnx
-from main import get_args_parser
 from scripts import export_onnx
 
-NAMES = {1: "circle", 2: "square", 3: "triangle", 4: "ring", 5: "cross"}
 # Each in its own ONNX Runtime call: two sizes at batch 1 (the first with a 1×1 coarsest level, smaller than
 # the traced sizes), and a batch of two images of one size.
 BATCHES = {"96x128": (1, 96, 128), "160x224": (1, 160, 224), "2 of 128x96": (2, 128, 96)}
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    args = get_args_parser().parse_args([*TINY, "--num_classes", "6"])
-    torch.manual_seed(0)
-    model, _, _ = deta.build_model(args)
-    path = tmp_path_factory.mktemp("ckpt") / "checkpoint.pth"
-    torch.save({"model": model.state_dict(), "args": vars(args), "category_names": NAMES}, path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def exported(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The graph with post-processing, written by the command line (one export for every test: it takes a
-    minute)."""
-    out = tmp_path_factory.mktemp("onnx") / "tiny.onnx"
-    export_onnx.main(["--resume", str(checkpoint), "--out", str(out), "--postprocess", "--num_detections", "50"])
-    return out
-
-
-@pytest.fixture(scope="module")
-def detector(checkpoint: Path) -> deta.Detector:
-    return deta.Detector.from_checkpoint(checkpoint, device="cpu")
+def detector(tiny_checkpoint: Path) -> deta.Detector:
+    return deta.Detector.from_checkpoint(tiny_checkpoint, device="cpu")
 
 
 def _images(batch: int, height: int, width: int) -> torch.Tensor:
     return torch.randn(batch, 3, height, width, generator=torch.Generator().manual_seed(height))
 
 
-def test_graph_is_standard_onnx_with_dynamic_inputs_and_fixed_detections(exported: Path) -> None:
-    model = onnx.load(exported)
+def test_graph_is_standard_onnx_with_dynamic_inputs_and_fixed_detections(tiny_onnx: Path) -> None:
+    model = onnx.load(tiny_onnx)
     onnx.checker.check_model(model)
     kinds = op_types(model)
     assert "GridSample" not in kinds and {"Gather", "NonMaxSuppression", "TopK"} <= kinds
@@ -61,15 +40,15 @@ def test_graph_is_standard_onnx_with_dynamic_inputs_and_fixed_detections(exporte
     assert dims["scores"] == dims["labels"] == [batch, 50] and dims["boxes"] == [batch, 50, 4]
     assert dims["num_valid"] == [batch]
     metadata = {entry.key: entry.value for entry in model.metadata_props}
-    assert json.loads(metadata["deta_class_names"]) == {str(k): v for k, v in NAMES.items()}
+    assert json.loads(metadata["deta_class_names"]) == {str(category_id): name for category_id, name, _ in CATEGORIES}
     assert json.loads(metadata["deta_preprocess"])["shorter_side"] == 96
 
 
 @pytest.mark.parametrize("shape", BATCHES.values(), ids=BATCHES.keys())
-def test_onnx_runtime_matches_pytorch(exported: Path, detector: deta.Detector, shape: tuple[int, int, int]) -> None:
+def test_onnx_runtime_matches_pytorch(tiny_onnx: Path, detector: deta.Detector, shape: tuple[int, int, int]) -> None:
     images = _images(*shape)
     sizes = torch.tensor([[480, 640]] * shape[0])
-    result = verify_onnx(exported, detector.model, detector.postprocess, images, sizes, "tiny")
+    result = verify_onnx(tiny_onnx, detector.model, detector.postprocess, images, sizes, "tiny")
     assert result.ok and result.detections == "equal", str(result)
     assert result.max_logit_difference < 1e-4 and result.max_box_difference < 1e-4
 
@@ -86,9 +65,9 @@ def _nms_thresholds(model: onnx.ModelProto) -> list[str]:
     return [node.input[3] for node in model.graph.node if node.op_type == "NonMaxSuppression"]
 
 
-def test_a_wrong_graph_fails_the_comparison(exported: Path, detector: deta.Detector, tmp_path: Path) -> None:
+def test_a_wrong_graph_fails_the_comparison(tiny_onnx: Path, detector: deta.Detector, tmp_path: Path) -> None:
     images, sizes = _images(*BATCHES["160x224"]), torch.tensor([[480, 640]])
-    model = onnx.load(exported)
+    model = onnx.load(tiny_onnx)
     # A class bias off by 0.01: the logits are off.
     wrong = tmp_path / "bias.onnx"
     onnx.save(_with_initializer(model, "class_embed.0.bias", lambda bias: bias + 0.01), wrong)
@@ -114,11 +93,11 @@ def test_a_wrong_graph_fails_the_comparison(exported: Path, detector: deta.Detec
     (["--out", "{folder}/x.onnx", "--opset", "16"], "opset 16: the graph needs opset 17 or later"),
     (["--out", "{folder}/x.onnx", "--", "--bogus"], "main.py flags after '--': unknown --bogus"),
 ])
-def test_bad_input_is_one_line_and_status_2(checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
+def test_bad_input_is_one_line_and_status_2(tiny_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
                                             flags: list[str], message: str) -> None:
-    fill = {"checkpoint": checkpoint, "folder": tmp_path}
+    fill = {"checkpoint": tiny_checkpoint, "folder": tmp_path}
     with pytest.raises(SystemExit) as exit_info:
-        export_onnx.main(["--resume", str(checkpoint), *[flag.format(**fill) for flag in flags]])
+        export_onnx.main(["--resume", str(tiny_checkpoint), *[flag.format(**fill) for flag in flags]])
     assert exit_info.value.code == 2
     error = capsys.readouterr().err.strip()
     assert error.startswith(f"error: {message.format(**fill)}") and "\n" not in error

@@ -4,16 +4,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 from pycocotools.coco import COCO
-from test_main import TINY
 
-import deta
 from datasets.synthetic import CATEGORIES, generate
 from deta.coco_categories import COCO_CATEGORY_NAMES
 from deta.inference import class_names
-from main import get_args_parser
 from scripts import predict
 
 NAMES = {category_id: name for category_id, name, _ in CATEGORIES}
@@ -30,13 +26,9 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def checkpoint(tiny_checkpoint: Path) -> Path:
     """A randomly initialised small model saved as main.py saves it: arguments and class names included."""
-    args = get_args_parser().parse_args([*TINY, "--num_classes", "6"])
-    model, _, _ = deta.build_model(args)
-    path = tmp_path_factory.mktemp("ckpt") / "checkpoint.pth"
-    torch.save({"model": model.state_dict(), "args": vars(args), "category_names": NAMES}, path)
-    return path
+    return tiny_checkpoint
 
 
 def _pixels(path: Path) -> np.ndarray:
