@@ -12,13 +12,12 @@ count D per image: `scores` (N×D, 0 past the detections), `labels` (N×D int64)
 How it exports: the dynamo exporter (torch.export + onnxscript) traces `DETA.forward` on a batch tensor.
 Multi-scale deformable attention runs as `ops.ms_deform_attn_gather` (Gather-based bilinear sampling, no
 GridSample); the two-stage proposal selection and the post-processing run as `deta.fixed_shape_nms`,
-whose one data-dependent step becomes ONNX NonMaxSuppression.
+whose one data-dependent step becomes ONNX NonMaxSuppression. `deta.onnx_verify` checks a graph in ONNX
+Runtime against the model.
 """
 import copy
 import os
-from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -133,82 +132,3 @@ def op_types(model_proto: object) -> set[str]:
                 graphs += [attribute.g] if attribute.HasField("g") else []
                 graphs += list(attribute.graphs)
     return found
-
-
-@dataclass
-class Verification:
-    """ONNX Runtime against PyTorch on one batch."""
-    name: str
-    max_logit_difference: float
-    max_box_difference: float
-    detections: str  # "equal", "n/a" or what differs
-    ok: bool
-
-    def __str__(self) -> str:
-        return (f"{self.name}: max |Δ| pred_logits {self.max_logit_difference:.2e}, pred_boxes "
-                f"{self.max_box_difference:.2e}; detections {self.detections}; {'OK' if self.ok else 'FAILED'}")
-
-
-def verify_onnx(path: str | os.PathLike, model: DETA, postprocess: nn.Module | None, images: Tensor,
-                orig_sizes: Tensor, name: str, tolerance: float = 1e-4) -> Verification:
-    """Run the graph at `path` in ONNX Runtime (CPU) on `images` (N×3×H×W) and compare with `model` in PyTorch.
-
-    The model outputs must agree within `tolerance`; the detections (where the graph post-processes) must
-    match one to one: same label, scores within `tolerance`, boxes within `tolerance` of the image size in
-    pixels, except where a detection's score is within `tolerance` of the last one kept (a near tie for the
-    last place).
-    """
-    import onnxruntime
-
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    feeds = {"images": images.numpy()}
-    if "orig_sizes" in {graph_input.name for graph_input in session.get_inputs()}:
-        feeds["orig_sizes"] = orig_sizes.numpy()
-    onnx_outputs = dict(zip([output.name for output in session.get_outputs()], session.run(None, feeds),
-                            strict=True))
-    model = model.eval()
-    with torch.no_grad():
-        outputs = model(list(images.to(next(model.parameters()).device)))
-    outputs = {key: outputs[key].float().cpu() for key in MODEL_OUTPUTS}
-    logit_difference = float(np.abs(onnx_outputs["pred_logits"] - outputs["pred_logits"].numpy()).max())
-    box_difference = float(np.abs(onnx_outputs["pred_boxes"] - outputs["pred_boxes"].numpy()).max())
-    ok = logit_difference <= tolerance and box_difference <= tolerance
-    detections = "n/a"
-    if "scores" in onnx_outputs and postprocess is not None:
-        postprocess = copy.copy(postprocess)
-        postprocess.num_detections = onnx_outputs["scores"].shape[1]  # what the graph was exported with
-        expected = postprocess(outputs, orig_sizes)
-        problems = [_detection_mismatch(onnx_outputs, image, result, tolerance * float(orig_sizes[image].max()),
-                                        tolerance)
-                    for image, result in enumerate(expected)]
-        problems = [problem for problem in problems if problem]
-        detections = "; ".join(problems) if problems else "equal"
-        ok = ok and not problems
-    return Verification(name, logit_difference, box_difference, detections, ok)
-
-
-def _detection_mismatch(onnx_outputs: dict[str, np.ndarray], image: int, expected: dict[str, Tensor],
-                        box_tolerance: float, score_tolerance: float) -> str:
-    """'' when image `image`'s detections in `onnx_outputs` match `expected`, else what differs."""
-    count = int(onnx_outputs["num_valid"][image])
-    actual = [(float(onnx_outputs["scores"][image, i]), int(onnx_outputs["labels"][image, i]),
-               onnx_outputs["boxes"][image, i]) for i in range(count)]
-    wanted = list(zip(expected["scores"].tolist(), expected["labels"].tolist(), expected["boxes"].numpy(),
-                      strict=True))
-    unmatched = []
-    for score, label, box in wanted:
-        match = next((i for i, (s, lb, b) in enumerate(actual) if lb == label and abs(s - score) <= score_tolerance
-                      and np.abs(b - box).max() <= box_tolerance), None)
-        if match is None:
-            unmatched.append(score)
-        else:
-            actual.pop(match)
-    # Where the list was cut at D detections, those within the tolerance of the last place may differ.
-    cut = len(wanted) == onnx_outputs["scores"].shape[1]
-    last_place = min(score for score, _, _ in wanted) + score_tolerance if cut else -np.inf
-    missing = [score for score in unmatched if score > last_place]
-    extra = [score for score, _, _ in actual if score > last_place]
-    if not missing and not extra:
-        return ""
-    return (f"image {image}: {len(missing)} of PyTorch's {len(wanted)} not in the graph's {count}, "
-            f"{len(extra)} of the graph's not in PyTorch's")

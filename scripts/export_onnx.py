@@ -30,7 +30,8 @@ from datasets.transforms import IMAGENET_MEAN, IMAGENET_STD
 from deta.checkpoint import input_file_at
 from deta.errors import InputError
 from deta.inference import Detector, main_flags
-from deta.onnx_export import DEFAULT_OPSET, export_onnx, verify_onnx
+from deta.onnx_export import DEFAULT_OPSET, export_onnx
+from deta.onnx_verify import verify_onnx
 
 DEFAULT_VERIFY_SIZES = ["800x1333", "1066x800"]
 
@@ -55,6 +56,8 @@ def metadata(detector: Detector) -> dict[str, str]:
 def export(checkpoint: str, out: Path, postprocess: bool, num_detections: int | None, opset: int,
            verify_sizes: list[tuple[int, int]] | None, names_json: str | None, overrides: list[str]) -> bool:
     """Export, then verify if asked; True unless a check failed."""
+    if num_detections is not None and not postprocess:
+        raise InputError("--num_detections: only the post-processing has a detection count; add --postprocess")
     if out.is_dir():
         raise InputError(f"--out {out}: a folder; pass the path of the .onnx file to write")
     if input_file_at(out, checkpoint) is not None:

@@ -2,6 +2,7 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 import torch
@@ -9,7 +10,8 @@ from onnx import numpy_helper
 
 import deta
 from datasets.synthetic import CATEGORIES
-from deta.onnx_export import op_types, verify_onnx
+from deta.onnx_export import op_types
+from deta.onnx_verify import _matched_order, verify_onnx
 from scripts import export_onnx
 
 # Each in its own ONNX Runtime call: two sizes at batch 1 (the first with a 1×1 coarsest level, smaller than
@@ -91,6 +93,7 @@ def test_a_wrong_graph_fails_the_comparison(tiny_onnx: Path, detector: deta.Dete
     (["--out", "{checkpoint}"], "--out {checkpoint}: that is the checkpoint being exported"),
     (["--out", "{folder}"], "--out {folder}: a folder"),
     (["--out", "{folder}/x.onnx", "--opset", "16"], "opset 16: the graph needs opset 17 or later"),
+    (["--out", "{folder}/x.onnx", "--num_detections", "10"], "--num_detections: only the post-processing"),
     (["--out", "{folder}/x.onnx", "--", "--bogus"], "main.py flags after '--': unknown --bogus"),
 ])
 def test_bad_input_is_one_line_and_status_2(tiny_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
@@ -102,3 +105,13 @@ def test_bad_input_is_one_line_and_status_2(tiny_checkpoint: Path, tmp_path: Pat
     error = capsys.readouterr().err.strip()
     assert error.startswith(f"error: {message.format(**fill)}") and "\n" not in error
     assert not list(tmp_path.glob("*.onnx")) and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_queries_may_swap_places_only_with_near_tied_objectness() -> None:
+    boxes = np.random.default_rng(0).random((6, 4)).astype(np.float32)
+    swapped = boxes[[0, 2, 1, 3, 4, 5]]
+    objectness = np.array([5.0, 3.0, 3.0 + 1e-6, 2.0, 1.0, 0.0], dtype=np.float32)
+    assert _matched_order(swapped, boxes, objectness, 1e-4).tolist() == [0, 2, 1, 3, 4, 5]
+    objectness[2] = 2.5  # not a near tie: the graph's order is wrong
+    assert _matched_order(swapped, boxes, objectness, 1e-4).tolist() == list(range(6))
+    assert _matched_order(swapped, boxes, None, 1e-4).tolist() == list(range(6))  # learned queries never move
