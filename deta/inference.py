@@ -55,19 +55,19 @@ class Detector:
         The model is the one of the arguments saved in the checkpoint. Keyword arguments are main.py flags by
         their argument names and override them (`eval_size=600`, `amp=True` for bf16 autocast, also on CPU);
         detrex checkpoints save none and need the model flags (`two_stage=True, with_box_refine=True,
-        num_feature_levels=5, ...`). `device` defaults to CUDA when available. Class names come from
+        num_feature_levels=5, ...`). `device` ("cpu", "cuda", "cuda:1", ...) defaults to CUDA when
+        available. Class names come from
         `names_json` (a COCO-format annotation file), else from the checkpoint (main.py saves the training
         set's), else COCO's for 91-class models.
         """
-        from main import get_args_parser, model_args  # main.py holds the flags, and itself imports deta
+        from main import model_args  # main.py holds the flags, and itself imports deta
 
         checkpoint = load_checkpoint(path)
         if checkpoint.get("args") is None and not flags:
             raise InputError(f"checkpoint {path}: it saves no model arguments; pass the main.py model flags, e.g. "
                              "two_stage=True, with_box_refine=True, num_feature_levels=5, ...")
         args = model_args({"args": checkpoint.get("args") or {}}, str(path), [])
-        known = vars(get_args_parser().parse_args([]))
-        unknown = sorted(set(flags) - set(known))
+        unknown = sorted(set(flags) - set(vars(args)))
         if unknown:
             raise InputError(f"unknown main.py flag(s) {', '.join(unknown)}; see python main.py --help")
         # bf16 is the caller's choice here, not the training run's.
@@ -97,9 +97,10 @@ class Detector:
 
         Images are file paths (EXIF orientation applied, as viewers show photos), PIL images (likewise) or
         uint8 3×H×W RGB tensors. Up to `batch_size` images share a forward pass; the results do not depend on
-        it. Each dict holds, on the CPU, torchvision's detection fields `boxes` (N×4 float xyxy in the
-        original image's pixels), `scores` (N, at least `score_threshold`, best first) and `labels` (N,
-        int64 class ids), plus `names` (N class names, the id as text where the class has no name).
+        it (beyond the rounding of batched matrix products). Each dict holds, on the CPU, torchvision's
+        detection fields `boxes` (N×4 float xyxy in the original image's pixels), `scores` (N, at least
+        `score_threshold`, best first) and `labels` (N, int64 class ids), plus `names` (N class names, the id
+        as text where the class has no name).
         """
         if batch_size < 1:
             raise InputError(f"batch_size {batch_size}: must be at least 1")

@@ -3,9 +3,10 @@
     python scripts/predict.py --resume CKPT IMAGE_OR_DIR... --out DIR [--score_threshold 0.3]
                               [--names_json ANNOTATIONS.json] [-- MAIN_PY_FLAGS...]
 
-Reads every checkpoint format that main.py reads. The model is the one of the arguments saved in the
-checkpoint; main.py flags after '--' override them (e.g. -- --device cpu --eval_size 600) and are needed
-for a checkpoint that saves none. Images are resized as for evaluation (--eval_size, --max_size).
+A command line over `deta.Detector`. Reads every checkpoint format that main.py reads. The model is the one
+of the arguments saved in the checkpoint; main.py flags after '--' override them (e.g. -- --device cpu
+--eval_size 600, or --amp for bf16) and are needed for a checkpoint that saves none. Images are resized as
+for evaluation (--eval_size, --max_size); photos are turned upright by their EXIF orientation.
 
 Writes DIR/NAME.png for each image, with the detections scoring at least the threshold drawn (class
 name and score), DIR/detections.json with the same detections in the COCO results format, and
