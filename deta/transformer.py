@@ -105,8 +105,9 @@ class Encoder(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList(copy.deepcopy(layer) for _ in range(num_layers))
 
-    def forward(self, src: Tensor, level_shapes: list[tuple[int, int]], spatial_shapes: Tensor,
-                level_start_index: Tensor, valid_ratios: Tensor, pos: Tensor, padding_mask: Tensor | None) -> Tensor:
+    def forward(self, src: Tensor, spatial_shapes: Tensor, level_start_index: Tensor, valid_ratios: Tensor,
+                pos: Tensor, padding_mask: Tensor | None, level_shapes: list[tuple[int, int]]) -> Tensor:
+        """`level_shapes`: `spatial_shapes` as sizes, for Python loops (symbolic in export)."""
         reference_points = encoder_reference_points(level_shapes, valid_ratios)
         for layer in self.layers:
             src = layer(src, pos, reference_points, spatial_shapes, level_start_index, padding_mask)
@@ -216,8 +217,8 @@ class DeformableTransformer(nn.Module):
         # Without padding (one image, or images of one size) attention has no values to zero. Whether there is
         # padding is data, which a traced graph (torch.compile, export) cannot branch on: it keeps the mask.
         padding_mask = mask_flat if torch.compiler.is_compiling() or mask_flat.any() else None
-        memory = self.encoder(src_flat, level_shapes, spatial_shapes, level_start_index, valid_ratios, pos_flat,
-                              padding_mask)
+        memory = self.encoder(src_flat, spatial_shapes, level_start_index, valid_ratios, pos_flat, padding_mask,
+                              level_shapes)
 
         out: dict[str, Tensor] = {}
         if self.two_stage:
