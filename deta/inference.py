@@ -61,6 +61,7 @@ class Detector:
         set's), else COCO's for 91-class models.
         """
         from main import model_args  # main.py holds the flags, and itself imports deta
+        from training.args_check import validate_args
 
         checkpoint = load_checkpoint(path)
         if checkpoint.get("args") is None and not flags:
@@ -76,6 +77,7 @@ class Detector:
             args.device = str(device)
         if args.num_classes is None:
             args.num_classes = _class_head_size(checkpoint, path)
+        validate_args(args)
         model, _, postprocessors = build_model(args)
         load_model_weights(model, checkpoint["model"])
         model_device = next(model.parameters()).device
