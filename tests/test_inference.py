@@ -12,8 +12,9 @@ from torchvision.transforms.v2 import functional as F
 import deta
 from datasets.images import EXIF_ORIENTATION_TAG, read_rgb
 from datasets.synthetic import CATEGORIES, generate
-from deta.checkpoint import to_official
+from deta.checkpoint import from_ours, save_hf_folder, to_official
 from deta.errors import InputError
+from deta.formats.hf import config_json
 from main import get_args_parser
 from scripts import predict
 from training.coco_eval import coco_detections
@@ -91,6 +92,20 @@ def test_flags_bf16_and_class_names_of_an_official_checkpoint(images: list[Path]
         assert size == (picture.height, picture.width) and min(tensor.shape[1:]) == 64
     result = detector.predict(images[0])
     assert result["scores"].dtype == torch.float32 and len(result["scores"]) == 100
+
+
+def test_an_hf_model_folder_gives_the_same_detections(images: list[Path], tiny_checkpoint: Path,
+                                                      detector: deta.Detector, tmp_path: Path) -> None:
+    ours = torch.load(tiny_checkpoint, weights_only=True)
+    args = argparse.Namespace(**ours["args"])
+    save_hf_folder(from_ours(ours["model"], "hf", two_stage=True, with_box_refine=True),
+                   config_json(args, ours["category_names"]), tmp_path / "hf")
+    from_hf = deta.Detector.from_checkpoint(tmp_path / "hf", device="cpu", eval_size=args.eval_size,
+                                            max_size=args.max_size)
+    assert from_hf.class_names == NAMES
+    expected, actual = detector.predict(images[1]), from_hf.predict(images[1])
+    assert actual["labels"].tolist() == expected["labels"].tolist()
+    torch.testing.assert_close(actual["boxes"], expected["boxes"])
 
 
 def test_a_checkpoint_without_arguments_needs_the_model_flags(tiny_checkpoint: Path, tmp_path: Path) -> None:
