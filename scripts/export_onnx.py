@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="include DETA's NMS post-processing (outputs scores, labels, boxes, num_valid)")
     parser.add_argument("--num_detections", type=int, default=None,
                         help="detections per image with --postprocess (default: the model's --num_detections, 100)")
-    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset (at least 17)")
+    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset (18 or later)")
     parser.add_argument("--verify", type=image_size, nargs="*", default=None, metavar="HxW",
                         help="compare ONNX Runtime with PyTorch at these image sizes (default: "
                              f"{' and '.join(DEFAULT_VERIFY_SIZES)})")
