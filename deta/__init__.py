@@ -49,4 +49,13 @@ def build_model(args: argparse.Namespace) -> tuple[DETA, nn.Module, dict[str, nn
     return model.to(device), criterion.to(device), {"bbox": postprocess}
 
 
-__all__ = ["DETA", "build_model"]
+def __getattr__(name: str) -> object:
+    # deta.Detector is imported on first use: it reads images through datasets/, which itself imports deta.
+    if name == "Detector":
+        from .inference import Detector
+
+        return Detector
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["DETA", "Detector", "build_model"]

@@ -83,7 +83,9 @@ class ResNetBackbone(nn.Module):
             # its input and output. The feature maps come out channels-last, which also makes their
             # flattening into tokens a view.
             images = images.contiguous(memory_format=torch.channels_last)
-        body = self.body if torch.is_grad_enabled() else self._folded_body()
+        # Traced graphs (torch.compile, export) take the plain modules: the fused oneDNN convolution and the
+        # check of the weights' version are eager-only.
+        body = self.body if torch.is_grad_enabled() or torch.compiler.is_compiling() else self._folded_body()
         return list(body(images).values())
 
     def _folded_body(self) -> FoldedResNet:

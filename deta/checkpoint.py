@@ -26,8 +26,8 @@ from .formats.hf import model_args as hf_model_args
 from .formats.official import from_official, to_official
 
 __all__ = ["HF_FOLDER_FILES", "SOURCE_FORMATS", "TARGET_FORMATS", "convert_state_dict", "describe", "detect_format",
-           "from_official", "from_ours", "load_checkpoint", "load_model_weights", "save_atomically", "save_hf_folder",
-           "save_text_atomically", "state_dict_problems", "to_official"]
+           "from_official", "from_ours", "input_file_at", "load_checkpoint", "load_model_weights", "save_atomically",
+           "save_hf_folder", "save_text_atomically", "state_dict_problems", "to_official"]
 
 StateDict = dict[str, Tensor]
 # Files of a HuggingFace model folder, in order of preference.
@@ -72,6 +72,15 @@ def load_checkpoint(path: str | os.PathLike, source_format: str = "auto") -> dic
         converted["args"] = hf_model_args(hf_config, str(config))
         converted["category_names"] = hf_category_names(hf_config)
     return converted
+
+
+def input_file_at(output: str | os.PathLike, source: str | os.PathLike) -> Path | None:
+    """The file of checkpoint `source` (the file, or any file of an HF folder) that writing `output` would replace,
+    also through a symbolic or hard link; None when there is none."""
+    output, source = Path(output), Path(source)
+    read = [source, *source.iterdir()] if source.is_dir() else [source]
+    return next((path for path in read if output.exists() and path.exists() and os.path.samefile(output, path)),
+                None)
 
 
 def _hf_weights(folder: Path) -> Path:

@@ -47,9 +47,15 @@ class DETA(nn.Module):
             # queries start as their proposals. With shared heads, head 0 is every head.
             nn.init.constant_(self.bbox_embed[0].layers[-1].bias[2:], -2.0)
 
-    def forward(self, images: list[Tensor]) -> dict:
-        """images: normalised 3×H×W tensors, any sizes. Returns the prediction dict (see README)."""
-        if self.pad_in_training if self.training else self.pad_in_inference:
+    def forward(self, images: list[Tensor] | Tensor) -> dict:
+        """images: normalised 3×H×W tensors of any sizes, or a (B, 3, H, W) batch of images of one size
+        (what ONNX export traces: no padding, so the same computation as the list in either batching mode).
+        Returns the prediction dict (see README)."""
+        if isinstance(images, Tensor):
+            srcs = self._project(self.backbone[0](images))
+            masks = [torch.zeros_like(src[:, 0], dtype=torch.bool) for src in srcs]
+            candidate_mask = None
+        elif self.pad_in_training if self.training else self.pad_in_inference:
             srcs, masks = self._features_padded(images)
             candidate_mask = None
         else:

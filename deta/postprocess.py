@@ -6,7 +6,7 @@ from torchvision.ops import batched_nms
 from .box_ops import box_cxcywh_to_xyxy
 
 
-def _absolute_xyxy(boxes: Tensor, target_sizes: Tensor) -> Tensor:
+def absolute_xyxy(boxes: Tensor, target_sizes: Tensor) -> Tensor:
     """(B, N, 4) normalised cxcywh → absolute xyxy for images of (H, W) `target_sizes`."""
     height, width = target_sizes.unbind(1)
     scale = torch.stack([width, height, width, height], dim=1).to(boxes.dtype)
@@ -22,13 +22,16 @@ class PostProcess(nn.Module):
 
     @torch.no_grad()
     def forward(self, outputs: dict, target_sizes: Tensor) -> list[dict[str, Tensor]]:
-        logits = outputs["pred_logits"]
+        scores, labels, boxes = self.detections(outputs["pred_logits"], outputs["pred_boxes"], target_sizes)
+        return [{"scores": s, "labels": lb, "boxes": b} for s, lb, b in zip(scores, labels, boxes, strict=True)]
+
+    def detections(self, logits: Tensor, boxes: Tensor, target_sizes: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The whole batch at once: scores (B, D), labels (B, D) and absolute xyxy boxes (B, D, 4)."""
         num_classes = logits.shape[-1]
         scores, flat_index = logits.sigmoid().flatten(1).topk(self.num_detections, dim=1)
-        boxes = _absolute_xyxy(outputs["pred_boxes"], target_sizes)
+        boxes = absolute_xyxy(boxes, target_sizes)
         boxes = torch.gather(boxes, 1, (flat_index // num_classes)[..., None].expand(-1, -1, 4))
-        return [{"scores": s, "labels": lb, "boxes": b}
-                for s, lb, b in zip(scores, flat_index % num_classes, boxes, strict=True)]
+        return scores, flat_index % num_classes, boxes
 
 
 class NMSPostProcess(nn.Module):
@@ -49,7 +52,7 @@ class NMSPostProcess(nn.Module):
         logits = outputs["pred_logits"]
         num_classes = logits.shape[-1]
         all_scores = logits.sigmoid().flatten(1)
-        all_boxes = _absolute_xyxy(outputs["pred_boxes"], target_sizes)
+        all_boxes = absolute_xyxy(outputs["pred_boxes"], target_sizes)
         results = []
         for scores, boxes in zip(all_scores, all_boxes, strict=True):
             if scores.numel() > self.pre_nms_topk:

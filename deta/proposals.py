@@ -3,11 +3,14 @@ import torch
 from torch import Tensor
 from torchvision.ops import batched_nms
 
+from . import fixed_shape_nms
 from .box_ops import box_cxcywh_to_xyxy
 
 
-def grid_proposals(padding_mask: Tensor, spatial_shapes: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def grid_proposals(padding_mask: Tensor, level_shapes: list[tuple[int, int]]) -> tuple[Tensor, Tensor, Tensor]:
     """A square box centred on every token, of side 0.05·2^level of the unpadded image.
+
+    `level_shapes`: (H, W) of each level, as sizes (symbolic in export), not a tensor.
 
     Returns:
         proposals: (B, S, 4) cxcywh in logit space; +inf for padded tokens and for boxes whose
@@ -18,7 +21,7 @@ def grid_proposals(padding_mask: Tensor, spatial_shapes: Tensor) -> tuple[Tensor
     batch = padding_mask.shape[0]
     proposals, level_ids = [], []
     start = 0
-    for level, (height, width) in enumerate(spatial_shapes.tolist()):
+    for level, (height, width) in enumerate(level_shapes):
         mask = padding_mask[:, start:start + height * width].view(batch, height, width)
         valid_h = (~mask[:, :, 0]).sum(1)
         valid_w = (~mask[:, 0, :]).sum(1)
@@ -86,7 +89,14 @@ def select_proposals(logits: Tensor, boxes: Tensor, level_ids: Tensor, candidate
 
     Returns:
         (B, num_queries) token indices.
+
+    In ONNX export, whose batches hold images of one size without padding, every token is a candidate and the
+    selection runs on the whole batch at once (`fixed_shape_nms`), as a graph with dynamic shapes must.
     """
+    if torch.onnx.is_in_onnx_export():
+        if use_nms:
+            return fixed_shape_nms.select_with_nms(logits, boxes, level_ids, num_queries, num_levels)
+        return fixed_shape_nms.top_indices(logits, num_queries)
     chosen = []
     for image_logits, image_boxes, candidates in zip(logits, boxes, candidate_mask, strict=True):
         index = candidates.nonzero()[:, 0]

@@ -33,9 +33,10 @@ class EncoderLayer(nn.Module):
                 level_start_index: Tensor, padding_mask: Tensor | None) -> Tensor:
         attended = self.self_attn(src + pos, reference_points, src, spatial_shapes, level_start_index, padding_mask)
         src = self.norm1(src + self.dropout1(attended))
-        if src.device.type == "cpu":
+        if src.device.type == "cpu" and not torch.compiler.is_compiling():
             # Token by token independent, so run in slices: on CPU, fresh memory for the whole
             # (tokens, d_ffn) hidden layer (180 MB at 800x1333) costs more in page faults than its matmuls.
+            # Eager only: a traced graph (torch.compile, export) would fix the number of slices.
             # Slices of the (batch·tokens, C) rows stay contiguous; slices along the token axis of a batch
             # of several images would not, and linear layers would copy them through a batched matmul.
             rows = src.flatten(0, 1)
@@ -79,18 +80,20 @@ class DecoderLayer(nn.Module):
         return self.norm3(tgt + self.dropout4(linear(hidden, self.linear2.weight, self.linear2.bias)))
 
 
-def encoder_reference_points(spatial_shapes: Tensor, valid_ratios: Tensor) -> Tensor:
+def encoder_reference_points(level_shapes: list[tuple[int, int]], valid_ratios: Tensor) -> Tensor:
     """Pixel centres of every level, normalised to the padded map and repeated for each level.
+
+    `level_shapes` are the (H, W) of the levels as sizes, not a tensor, so that they stay symbolic in export.
 
     Returns (B, S, levels, 2): each token's (x, y) as seen from every level, which differs between
     levels only through their valid (unpadded) ratios.
     """
     points = []
-    for level, (height, width) in enumerate(spatial_shapes.tolist()):
-        ys, xs = torch.meshgrid(
-            torch.linspace(0.5, height - 0.5, height, dtype=torch.float32, device=valid_ratios.device),
-            torch.linspace(0.5, width - 0.5, width, dtype=torch.float32, device=valid_ratios.device),
-            indexing="ij")
+    for level, (height, width) in enumerate(level_shapes):
+        # arange + 0.5, not linspace(0.5, size - 0.5, size) (the same numbers), keeps sizes symbolic in export.
+        ys, xs = torch.meshgrid(torch.arange(height, dtype=torch.float32, device=valid_ratios.device) + 0.5,
+                                torch.arange(width, dtype=torch.float32, device=valid_ratios.device) + 0.5,
+                                indexing="ij")
         ys = ys.reshape(-1)[None] / (valid_ratios[:, None, level, 1] * height)
         xs = xs.reshape(-1)[None] / (valid_ratios[:, None, level, 0] * width)
         points.append(torch.stack((xs, ys), -1))
@@ -103,8 +106,9 @@ class Encoder(nn.Module):
         self.layers = nn.ModuleList(copy.deepcopy(layer) for _ in range(num_layers))
 
     def forward(self, src: Tensor, spatial_shapes: Tensor, level_start_index: Tensor, valid_ratios: Tensor,
-                pos: Tensor, padding_mask: Tensor | None) -> Tensor:
-        reference_points = encoder_reference_points(spatial_shapes, valid_ratios)
+                pos: Tensor, padding_mask: Tensor | None, level_shapes: list[tuple[int, int]]) -> Tensor:
+        """`level_shapes`: `spatial_shapes` as sizes, for Python loops (symbolic in export)."""
+        reference_points = encoder_reference_points(level_shapes, valid_ratios)
         for layer in self.layers:
             src = layer(src, pos, reference_points, spatial_shapes, level_start_index, padding_mask)
         return src
@@ -198,7 +202,11 @@ class DeformableTransformer(nn.Module):
         Returns a dict with `hidden_states` (layers, B, Q, C), `boxes` (layers, B, Q, 4),
         `init_reference`, and in two-stage mode `enc_logits`, `enc_boxes`, `anchors`.
         """
-        spatial_shapes = torch.as_tensor([src.shape[-2:] for src in srcs], dtype=torch.long, device=srcs[0].device)
+        # As sizes for Python loops, and as a tensor for the attention. torch.full keeps sizes symbolic in export
+        # (torch.as_tensor would turn them into constants of the traced image size).
+        level_shapes = [tuple(src.shape[-2:]) for src in srcs]
+        spatial_shapes = torch.stack([torch.stack([torch.full((), size, dtype=torch.long, device=srcs[0].device)
+                                                   for size in shape]) for shape in level_shapes])
         level_start_index = torch.cat((spatial_shapes.new_zeros(1), spatial_shapes.prod(1).cumsum(0)[:-1]))
         valid_ratios = torch.stack([_valid_ratio(mask) for mask in masks], 1)
         src_flat = torch.cat([src.flatten(2).transpose(1, 2) for src in srcs], 1)
@@ -206,13 +214,15 @@ class DeformableTransformer(nn.Module):
         pos_flat = torch.cat([pos.flatten(2).transpose(1, 2) + self.level_embed[level]
                               for level, pos in enumerate(pos_embeds)], 1)
 
-        # Without padding (one image, or images of one size) attention has no values to zero.
-        padding_mask = mask_flat if mask_flat.any() else None
-        memory = self.encoder(src_flat, spatial_shapes, level_start_index, valid_ratios, pos_flat, padding_mask)
+        # Without padding (one image, or images of one size) attention has no values to zero. Whether there is
+        # padding is data, which a traced graph (torch.compile, export) cannot branch on: it keeps the mask.
+        padding_mask = mask_flat if torch.compiler.is_compiling() or mask_flat.any() else None
+        memory = self.encoder(src_flat, spatial_shapes, level_start_index, valid_ratios, pos_flat, padding_mask,
+                              level_shapes)
 
         out: dict[str, Tensor] = {}
         if self.two_stage:
-            proposals, proposal_valid, level_ids = grid_proposals(mask_flat, spatial_shapes)
+            proposals, proposal_valid, level_ids = grid_proposals(mask_flat, level_shapes)
             valid_memory = memory.masked_fill(~proposal_valid, 0.0)
             output_memory = self.enc_output_norm(linear(valid_memory, self.enc_output.weight, self.enc_output.bias))
             enc_layer = len(self.decoder.layers)

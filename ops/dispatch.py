@@ -5,7 +5,7 @@ import torch
 from torch import Tensor
 
 from .custom_op import compiled_devices
-from .reference import ms_deform_attn_pytorch
+from .reference import ms_deform_attn_gather, ms_deform_attn_pytorch
 
 
 # Evaluated while tracing, not traced: torch.compile(fullgraph=True) and torch.export see a constant and
@@ -35,6 +35,8 @@ def ms_deform_attn(
     indexing kernels do), after which the process's CUDA context is unusable. Its backward pass adds value
     gradients with atomics, so it is not bitwise deterministic (`torch.use_deterministic_algorithms` says so).
     """
+    if torch.onnx.is_in_onnx_export():
+        return ms_deform_attn_gather(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     if value.is_floating_point() and _use_compiled(value.device.type):
         return torch.ops.deta_ops.ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations,
                                                  attention_weights)

@@ -1,6 +1,6 @@
 """Speed and memory of DETA: inference FPS at batch 1 and 4, training throughput, peak memory.
 
-    python scripts/benchmark.py [--amp] [--device cpu|cuda] [--tiny] [--no_hf] [--latency_only | --scaling]
+    python scripts/benchmark.py [--amp] [--device cpu|cuda] [--tiny] [--no_hf] [--latency_only | --scaling | --onnx]
                                 [-- MAIN_PY_FLAGS...]
 
 The model is the R50 5-scale DETA of scripts/r50_5scale_12ep.sh with random weights; main.py flags after
@@ -17,6 +17,8 @@ Every latency of ours comes with the machine's floor, measured in the same proce
 runs (fp32, or bf16 with --amp), and the share of that floor the latency reaches; on CPU one more call,
 with its matmuls and convolutions timed, gives the time spent outside them. `--scaling` measures only our
 latency and peak memory at 512x512, 800x1333 and the Swin recipe's 1200x2000, at batch 1, 2 and 4.
+`--onnx` measures only the latency of one image on the CPU in ONNX Runtime (the model exported by
+deta.onnx_export with its post-processing, fp32) next to ours in fp32 and under bf16 autocast.
 
 Peak memory: on CUDA the most allocated by tensors; on CPU the peak resident memory of the whole process
 (reset before each measurement where Linux allows it). `--tiny` is a seconds-long run of a small model
@@ -30,6 +32,7 @@ import importlib.metadata
 import math
 import resource
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -46,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import deta
 from deta.errors import InputError
 from deta.formats.hf import HF_RESNETS
+from deta.onnx_export import export_onnx
 from engine import train_one_epoch
 from main import get_args_parser
 from ops.custom_op import compiled_devices
@@ -255,6 +259,51 @@ class HFFloat32Runner(HFRunner):
         super().__init__(args, replace(setting, amp=False))
 
 
+class OursBF16Runner(OursRunner):
+    """Ours under bf16 autocast, next to fp32 runs of ours (--onnx)."""
+    name = "DETA (ours) bf16"
+    measures_floor = False
+
+    def __init__(self, args: argparse.Namespace, setting: Setting) -> None:
+        super().__init__(args, replace(setting, amp=True))
+
+
+class OnnxRuntimeRunner:
+    """The same model (same seed, same weights) exported by deta.onnx_export as a deployment would (with the NMS
+    post-processing, a few milliseconds), run by ONNX Runtime on the CPU."""
+    name = "ONNX Runtime"
+
+    def __init__(self, args: argparse.Namespace, setting: Setting) -> None:
+        import onnxruntime
+
+        model, _, postprocessors = deta.build_model(args)
+        with tempfile.TemporaryDirectory() as folder:
+            path = Path(folder) / "deta.onnx"
+            export_onnx(model, path, postprocess=postprocessors["bbox"])
+            options = onnxruntime.SessionOptions()
+            options.intra_op_num_threads = torch.get_num_threads()  # the threads ours runs with
+            self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    def infer(self, images: Tensor) -> None:
+        sizes = torch.tensor([images.shape[-2:]] * len(images))
+        self.session.run(None, {"images": images.cpu().numpy(), "orig_sizes": sizes.numpy()})
+
+    def train_step(self, images: Tensor, targets: list[dict[str, Tensor]]) -> None:
+        raise NotImplementedError("ONNX Runtime runs inference only")
+
+
+def onnx_comparison(args: argparse.Namespace, setting: Setting) -> str:
+    """--onnx: the latency of one image in ONNX Runtime (CPU, fp32) next to ours in fp32 and bf16, as a table."""
+    import onnxruntime
+
+    if setting.device.type != "cpu" or setting.amp:
+        raise InputError("--onnx compares on the CPU, ours in fp32 and bf16 itself; drop --device cuda and --amp")
+    print(f"device: {device_name(setting.device)}; torch {torch.__version__}; onnxruntime {onnxruntime.__version__}; "
+          "ours fp32 and bf16 autocast, ONNX Runtime fp32 (exported first, untimed)", flush=True)
+    return table(run_all([OursRunner, OursBF16Runner, OnnxRuntimeRunner], args, setting,
+                         cases(setting, latency_only=True)))
+
+
 def scaling_cases(setting: Setting, tiny: bool) -> list[Case]:
     """Latency at each of SCALING_SIZES (an eighth of each side with `tiny`) and SCALING_BATCHES."""
     found = []
@@ -446,6 +495,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="only the latency of one 800x1333 image (256x320 with --tiny): a quick comparison")
     parser.add_argument("--scaling", action="store_true",
                         help="only our latency and peak memory at 3 image sizes and batch 1, 2 and 4")
+    parser.add_argument("--onnx", action="store_true",
+                        help="only the latency of one 800x1333 image (CPU) in ONNX Runtime next to ours in fp32 and "
+                             "bf16; exports the model first (minutes)")
     parser.add_argument("--image_size", type=int, nargs=2, metavar=("H", "W"), default=None,
                         help="images of the throughput measurements (default: 800 1333 on CUDA, 256 384 on CPU)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed iterations (default: 10 CUDA, 1 CPU)")
@@ -470,6 +522,9 @@ def run(options: argparse.Namespace, overrides: list[str]) -> None:
     if options.image_size:
         chosen["image_size"] = tuple(options.image_size)
     setting = Setting(device=device, amp=options.amp, **{**PRESETS["tiny" if options.tiny else device.type], **chosen})
+    if options.onnx:
+        print(onnx_comparison(args, setting))
+        return
     runners: list[type[Runner]] = [OursRunner]
     why_not_hf = "--no_hf" if options.no_hf else "--scaling" if options.scaling else hf_available()
     if why_not_hf is None:

@@ -12,7 +12,6 @@ Nothing is written unless every key maps and every shape fits. docs/MODEL_ZOO.md
 commands for each published checkpoint.
 """
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from deta.checkpoint import (
     TARGET_FORMATS,
     describe,
     from_ours,
+    input_file_at,
     load_checkpoint,
     save_atomically,
     save_hf_folder,
@@ -61,10 +61,9 @@ def _refuse_to_overwrite(source: Path, target: Path, target_format: str) -> None
     """The output must not replace what is read: a training checkpoint converted in place would lose its
     optimizer, schedule, epoch and RNG state (detrex), or be replaced before the conversion is checked.
     Compared as files, so symbolic and hard links count."""
-    read = [source, *source.iterdir()] if source.is_dir() else [source]
     written = [target, *(target / name for name in HF_FOLDER_FILES)] if target_format == "hf" else [target]
     for out in written:
-        same = next((path for path in read if out.exists() and path.exists() and os.path.samefile(out, path)), None)
+        same = input_file_at(out, source)
         if same is not None:
             link = "" if out.absolute() == same.absolute() else ", through a link"
             raise InputError(f"{target}: the output is the input {same} (the same file{link}); converting would "

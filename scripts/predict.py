@@ -3,9 +3,10 @@
     python scripts/predict.py --resume CKPT IMAGE_OR_DIR... --out DIR [--score_threshold 0.3]
                               [--names_json ANNOTATIONS.json] [-- MAIN_PY_FLAGS...]
 
-Reads every checkpoint format that main.py reads. The model is the one of the arguments saved in the
-checkpoint; main.py flags after '--' override them (e.g. -- --device cpu --eval_size 600) and are needed
-for a checkpoint that saves none. Images are resized as for evaluation (--eval_size, --max_size).
+A command line over `deta.Detector`. Reads every checkpoint format that main.py reads. The model is the one
+of the arguments saved in the checkpoint; main.py flags after '--' override them (e.g. -- --device cpu
+--eval_size 600, or --amp for bf16) and are needed for a checkpoint that saves none. Images are resized as
+for evaluation (--eval_size, --max_size); photos are turned upright by their EXIF orientation.
 
 Writes DIR/NAME.png for each image, with the detections scoring at least the threshold drawn (class
 name and score), DIR/detections.json with the same detections in the COCO results format, and
@@ -19,21 +20,15 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from torch import nn
 from torchvision.transforms.v2 import functional as F
 from torchvision.utils import draw_bounding_boxes
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import deta
-from datasets.coco import category_names, load_coco, prepare_target
 from datasets.images import read_rgb
-from datasets.transforms import make_transforms
-from deta.checkpoint import load_checkpoint, load_model_weights
-from deta.coco_categories import COCO_CATEGORY_NAMES
 from deta.errors import InputError
-from main import model_args
+from deta.inference import Detector, main_flags
 from training.coco_eval import coco_detections
 
 # Distinct colours for up to 10 classes at a time; class ids pick one cyclically.
@@ -70,21 +65,6 @@ def output_names(paths: list[Path]) -> list[str]:
     return names
 
 
-def class_names(checkpoint: dict, names_json: str | None, num_classes: int) -> dict[int, str]:
-    """--names_json's categories, else those saved in the checkpoint, else COCO's for a 91-class head."""
-    if names_json:
-        if not Path(names_json).is_file():
-            raise InputError(f"--names_json: file {names_json} does not exist; pass a COCO-format annotation file")
-        return category_names(load_coco(names_json))
-    if checkpoint.get("category_names"):
-        return checkpoint["category_names"]
-    if num_classes == deta.COCO_NUM_CLASSES:
-        return COCO_CATEGORY_NAMES
-    print(f"note: the checkpoint names none of its {num_classes} classes; labels are drawn as category ids "
-          "(pass --names_json ANNOTATIONS.json for names)", file=sys.stderr)
-    return {}
-
-
 def draw(image: Image.Image, detections: list[dict], names: dict[int, str]) -> Image.Image:
     """`image` with each detection's box (COCO xywh), class name and score."""
     if not detections:
@@ -98,29 +78,12 @@ def draw(image: Image.Image, detections: list[dict], names: dict[int, str]) -> I
     return F.to_pil_image(drawn)
 
 
-@torch.no_grad()
-def detect(model: nn.Module, postprocess: nn.Module, transform: nn.Module, image: Image.Image,
-           image_id: int) -> list[dict]:
-    """All detections of one image, in the COCO results format, in the image's own pixels."""
-    device = next(model.parameters()).device
-    tensor, target = transform(image, prepare_target([], image_id, image.width, image.height))
-    outputs = model([tensor.to(device)])
-    result = postprocess(outputs, target["orig_size"][None].to(device))[0]
-    return coco_detections(image_id, result)
-
-
 def predict(checkpoint_path: str, inputs: list[str], out_dir: Path, score_threshold: float,
             names_json: str | None, overrides: list[str]) -> None:
     """Write the drawings and JSON files into `out_dir`."""
     paths = image_paths(inputs)
     drawings = output_names(paths)
-    checkpoint = load_checkpoint(checkpoint_path)
-    args = model_args(checkpoint, checkpoint_path, overrides)
-    model, _, postprocessors = deta.build_model(args)
-    load_model_weights(model, checkpoint["model"])
-    model.eval()
-    names = class_names(checkpoint, names_json, model.class_embed[0].out_features)
-    transform = make_transforms(False, [], args.max_size, args.eval_size, args.bigger)  # evaluation resize
+    detector = Detector.from_checkpoint(checkpoint_path, names_json=names_json, **main_flags(overrides))
 
     out_dir.mkdir(parents=True, exist_ok=True)
     images, detections, unreadable = [], [], []
@@ -132,9 +95,8 @@ def predict(checkpoint_path: str, inputs: list[str], out_dir: Path, score_thresh
             tqdm.write(f"warning: {err}", file=sys.stderr)
             unreadable.append(path)
             continue
-        kept = [d for d in detect(model, postprocessors["bbox"], transform, image, image_id)
-                if d["score"] >= score_threshold]
-        draw(image, kept, names).save(out_dir / drawing)
+        kept = coco_detections(image_id, detector.predict(image, score_threshold))
+        draw(image, kept, detector.class_names).save(out_dir / drawing)
         images.append({"id": image_id, "file_name": str(path), "width": image.width, "height": image.height})
         detections += kept
     if not images:

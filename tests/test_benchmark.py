@@ -1,6 +1,7 @@
 """scripts/benchmark.py in its tiny CPU mode, and the HF configuration it compares against."""
 import importlib.metadata
 import re
+import shutil
 import time
 
 import pytest
@@ -80,3 +81,18 @@ def test_cuda_without_a_device_is_an_input_error(capsys: pytest.CaptureFixture) 
 def test_missing_transformers_is_reported_not_fatal(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(importlib.metadata, "version", lambda name: "4.40.0")
     assert benchmark.hf_available() == "transformers 4.40.0 is installed, not 4.57.x"
+
+
+def test_onnx_runtime_latency_next_to_ours_in_fp32_and_bf16(tiny_onnx, monkeypatch: pytest.MonkeyPatch,
+                                                             capsys: pytest.CaptureFixture) -> None:
+    # The tests' exported small DETA stands in for the export of the benchmark's own (a minute each).
+    monkeypatch.setattr(benchmark, "export_onnx", lambda model, path, **options: shutil.copy(tiny_onnx, path))
+    benchmark.main(["--tiny", "--device", "cpu", "--onnx"])
+    out = capsys.readouterr().out
+    assert out.startswith("device: ") and "onnxruntime 1." in out
+    header, _, row = [line for line in out.splitlines() if line.startswith("|")]
+    assert header.startswith("| measurement | DETA (ours) | DETA (ours) bf16 | ONNX Runtime |")
+    cells = [cell.strip() for cell in row.strip("| ").split(" | ")]
+    assert cells[0] == "latency, one 256x320 image"
+    assert all(cell.endswith(" s") and float(cell.split()[0]) > 0 for cell in cells[1:4]), row
+    assert cells[-1].endswith("x") and float(cells[-1][:-1]) > 0  # ours over ONNX Runtime

@@ -132,3 +132,14 @@ def test_encoder_feed_forward_in_token_slices_equals_one_pass(monkeypatch: pytes
         monkeypatch.setattr(transformer, "FFN_SLICE_TOKENS", 16)  # 4 slices, the last one shorter
         sliced = layer(src, pos, reference_points, shapes, start, padding)
     torch.testing.assert_close(sliced, whole)
+
+
+def test_a_batch_tensor_is_the_list_of_its_images():
+    # What ONNX export traces: images of one size as one (B, 3, H, W) tensor, in either batching mode.
+    for flags in ([], ["--official_batching"]):
+        model, _, _ = _build(*DETA_FLAGS, *flags)
+        images = torch.randn(2, 3, 96, 128, generator=torch.Generator().manual_seed(3))
+        with torch.no_grad():
+            batched, listed = model(images), model(list(images))
+        for key in ("pred_logits", "pred_boxes"):
+            torch.testing.assert_close(batched[key], listed[key], rtol=0, atol=0)

@@ -1,4 +1,4 @@
-"""The compiled multi-scale deformable attention kernels against the PyTorch reference.
+"""The compiled multi-scale deformable attention kernels, and the gather formulation, against the PyTorch reference.
 
 CPU tests always run (the first one JIT-builds the CPU library, cached in ~/.cache/deta_ops). CUDA tests run
 the same checks where a GPU is present and skip otherwise; `bash scripts/gpu_checks.sh` runs them, and again
@@ -20,6 +20,7 @@ import ops
 from ops import build
 from ops.custom_op import compiled_devices
 from ops.dispatch import ms_deform_attn
+from ops.reference import ms_deform_attn_gather
 
 REPO = Path(__file__).resolve().parent.parent
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -95,13 +96,31 @@ def kernels() -> frozenset[str]:
     return devices
 
 
+# The compiled kernels (what ms_deform_attn runs) and the gather formulation that ONNX export traces.
+IMPLEMENTATIONS = [pytest.param(ms_deform_attn, id="kernel"), pytest.param(ms_deform_attn_gather, id="gather")]
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float64, 1e-12), (torch.float32, 1e-5)])
 @pytest.mark.parametrize("shapes", [DETA_SHAPES, ODD_SHAPES], ids=["deta", "odd"])
-def test_forward_and_gradients_match_reference(device, dtype, tolerance, shapes):
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_forward_and_gradients_match_reference(device, dtype, tolerance, shapes, implementation):
     inputs = make_inputs(shapes, dtype=dtype, device=device)
-    actual = forward_and_grads(ms_deform_attn, inputs)
+    actual = forward_and_grads(implementation, inputs)
     assert_close_to(actual, reference_in_float64(inputs), tolerance)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gather_formulation_matches_the_kernel(device):
+    inputs = make_inputs(DETA_SHAPES, device=device)
+    assert_close_to(forward_and_grads(ms_deform_attn_gather, inputs), forward_and_grads(ms_deform_attn, inputs), 1e-5)
+
+
+def test_onnx_export_runs_the_gather_formulation(monkeypatch):
+    inputs = make_inputs(ODD_SHAPES)
+    monkeypatch.setattr(torch.onnx, "is_in_onnx_export", lambda: True)
+    monkeypatch.setattr(torch.ops.deta_ops, "ms_deform_attn", None)  # the kernel must not run
+    assert torch.equal(ms_deform_attn(*inputs), ms_deform_attn_gather(*inputs))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -125,7 +144,8 @@ def test_mixed_precision_keeps_each_input_dtype():
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_borders_and_outside_locations(device):
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_borders_and_outside_locations(device, implementation):
     # Pixel coordinate = location * size - 0.5. The map's edges (locations 0 and 1), pixel centres and
     # lattice points, one pixel outside (-1: one corner inside, so a one-sided gradient; size: none),
     # far outside and just inside those limits. Power-of-two sizes keep location <-> pixel conversions exact,
@@ -142,7 +162,7 @@ def test_borders_and_outside_locations(device):
     locations = locations[None, :, None, :, None, :]
     weights = torch.ones(locations.shape[:-1], dtype=torch.float64, device=device)
     inputs = (value, spatial, starts, locations, weights)
-    assert_close_to(forward_and_grads(ms_deform_attn, inputs), reference_in_float64(inputs), 1e-12)
+    assert_close_to(forward_and_grads(implementation, inputs), reference_in_float64(inputs), 1e-12)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -60,8 +60,8 @@ def _proposals_by_objectness_alone(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def _detections_half_a_pixel_off(monkeypatch: pytest.MonkeyPatch) -> None:
     """Post-processing scales boxes to pixels half a pixel off (the model unchanged)."""
-    absolute = deta.postprocess._absolute_xyxy
-    monkeypatch.setattr(deta.postprocess, "_absolute_xyxy", lambda *args: absolute(*args) + 0.5)
+    absolute = deta.postprocess.absolute_xyxy
+    monkeypatch.setattr(deta.postprocess, "absolute_xyxy", lambda *args: absolute(*args) + 0.5)
 
 
 MUTATIONS = [_scale_layer_norms, _shift_one_sampling_level, _valid_ratios_off_by_one_cell, _scale_decoder_outputs,

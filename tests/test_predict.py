@@ -4,15 +4,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 from pycocotools.coco import COCO
-from test_main import TINY
 
-import deta
 from datasets.synthetic import CATEGORIES, generate
 from deta.coco_categories import COCO_CATEGORY_NAMES
-from main import get_args_parser
+from deta.inference import class_names
 from scripts import predict
 
 NAMES = {category_id: name for category_id, name, _ in CATEGORIES}
@@ -29,13 +26,9 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def checkpoint(tiny_checkpoint: Path) -> Path:
     """A randomly initialised small model saved as main.py saves it: arguments and class names included."""
-    args = get_args_parser().parse_args([*TINY, "--num_classes", "6"])
-    model, _, _ = deta.build_model(args)
-    path = tmp_path_factory.mktemp("ckpt") / "checkpoint.pth"
-    torch.save({"model": model.state_dict(), "args": vars(args), "category_names": NAMES}, path)
-    return path
+    return tiny_checkpoint
 
 
 def _pixels(path: Path) -> np.ndarray:
@@ -80,10 +73,11 @@ def test_threshold_above_every_score_leaves_images_unchanged(images: Path, check
 
 def test_class_names_come_from_the_flag_the_checkpoint_or_coco(images: Path) -> None:
     names_json = str(images.parent / "annotations" / "val.json")
-    assert predict.class_names({}, names_json, 6) == NAMES
-    assert predict.class_names({"category_names": {1: "a"}}, None, 6) == {1: "a"}
-    assert predict.class_names({}, None, 91) == COCO_CATEGORY_NAMES
-    assert predict.class_names({}, None, 6) == {}
+    assert class_names({}, names_json, 6) == NAMES
+    assert class_names({"category_names": {1: "a"}}, None, 6) == {1: "a"}
+    assert class_names({}, None, 91) == COCO_CATEGORY_NAMES
+    with pytest.warns(UserWarning, match="names none of its 6 classes"):
+        assert class_names({}, None, 6) == {}
 
 
 @pytest.mark.parametrize(("flags", "message"), [

@@ -6,7 +6,7 @@ from deta.proposals import grid_proposals, select_proposals, select_with_nms
 
 
 def test_grid_proposals_are_token_centred_squares_in_logit_space():
-    shapes = torch.tensor([[2, 4], [1, 2]])
+    shapes = [(2, 4), (1, 2)]
     mask = torch.zeros(1, 10, dtype=torch.bool)
     mask[0, [3, 7]] = True  # last column of level 0 is padding
     proposals, valid, level_ids = grid_proposals(mask, shapes)
@@ -21,7 +21,7 @@ def test_grid_proposals_are_token_centred_squares_in_logit_space():
 
 def test_grid_proposals_mark_out_of_range_boxes_invalid():
     # A 1×60 level: the first centre is 0.5/60 < 0.01 and so unusable.
-    proposals, valid, _ = grid_proposals(torch.zeros(1, 60, dtype=torch.bool), torch.tensor([[1, 60]]))
+    proposals, valid, _ = grid_proposals(torch.zeros(1, 60, dtype=torch.bool), [(1, 60)])
     assert not valid[0, 0, 0] and valid[0, 1, 0] and not valid[0, 59, 0]
     assert torch.isinf(proposals[0, 0]).all()
 
