@@ -27,6 +27,7 @@ from deta.errors import InputError
 from engine import NonFiniteLossError, evaluate, train_one_epoch
 from training.args_check import architecture_differences, validate_args
 from training.checkpointing import remove_stale_temporaries, rng_state, save_checkpoint, seed_everything, set_rng_state
+from training.cpu_memory import keep_freed_memory
 from training.distributed import (
     all_gather_object,
     cleanup_distributed,
@@ -209,6 +210,8 @@ def main(args: argparse.Namespace) -> None:
 def _run(args: argparse.Namespace, last: LastCheckpoint) -> None:
     validate_args(args)
     device = init_distributed(args.device)
+    if device.type == "cpu":
+        keep_freed_memory()
     rank, world_size = get_rank(), get_world_size()
     logging.basicConfig(format="%(message)s", level=logging.INFO if rank == 0 else logging.WARNING,
                         stream=sys.stdout, force=True)

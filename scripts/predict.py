@@ -30,6 +30,7 @@ from datasets.images import read_rgb
 from deta.errors import InputError
 from deta.inference import Detector, main_flags
 from training.coco_eval import coco_detections
+from training.cpu_memory import keep_freed_memory
 
 # Distinct colours for up to 10 classes at a time; class ids pick one cyclically.
 PALETTE = ((230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),
@@ -84,6 +85,8 @@ def predict(checkpoint_path: str, inputs: list[str], out_dir: Path, score_thresh
     paths = image_paths(inputs)
     drawings = output_names(paths)
     detector = Detector.from_checkpoint(checkpoint_path, names_json=names_json, **main_flags(overrides))
+    if detector.device.type == "cpu":
+        keep_freed_memory()
 
     out_dir.mkdir(parents=True, exist_ok=True)
     images, detections, unreadable = [], [], []

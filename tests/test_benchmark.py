@@ -34,6 +34,9 @@ def test_tiny_cpu_run_prints_a_table_of_every_measurement(capsys: pytest.Capture
         r"(\d+) GFLOP, floor [\d.]+ s at the fp32 matmul rate ([\d.]+) GFLOP/s; ours ([\d.]+) s = (\d+)% of the floor, "
         r"([\d.]+) s outside matmuls", floor)[0])
     assert gflop > 1 and rate > 0 and 0 < outside < latency
+    (before,) = re.findall(r"\nmatmul rate: ([\d.]+) GFLOP/s", out)
+    (after,) = re.findall(r"\nmatmul rate after the model: ([\d.]+) GFLOP/s; the floor uses the higher one", out)
+    assert rate == max(float(before), float(after))
     assert abs(share - 100 * gflop / rate / latency) <= 1
 
 
