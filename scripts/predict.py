@@ -16,6 +16,7 @@ reported by name and skipped.
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -84,7 +85,11 @@ def predict(checkpoint_path: str, inputs: list[str], out_dir: Path, score_thresh
     """Write the drawings and JSON files into `out_dir`."""
     paths = image_paths(inputs)
     drawings = output_names(paths)
-    detector = Detector.from_checkpoint(checkpoint_path, names_json=names_json, **main_flags(overrides))
+    with warnings.catch_warnings(record=True) as caught:  # a command line says them in one line each
+        warnings.simplefilter("always")
+        detector = Detector.from_checkpoint(checkpoint_path, names_json=names_json, **main_flags(overrides))
+    for warning in caught:
+        print(f"warning: {warning.message}", file=sys.stderr)
     if detector.device.type == "cpu":
         keep_freed_memory()
 

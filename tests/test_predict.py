@@ -4,6 +4,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from pycocotools.coco import COCO
 
@@ -105,3 +106,16 @@ def test_out_naming_a_file_is_one_line_before_the_model_loads(images: Path, tmp_
     assert err == f"error: --out {out}: {file} is a file, and --out is the folder the drawings and JSON files go " \
                   "to; pass a folder (it is created if missing)\n"
     assert file.read_bytes() == b"an earlier drawing"
+
+
+def test_a_checkpoint_without_class_names_is_one_warning_line(images: Path, checkpoint: Path, tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture) -> None:
+    saved = torch.load(checkpoint, weights_only=True)
+    del saved["category_names"]
+    unnamed = tmp_path / "unnamed.pth"
+    torch.save(saved, unnamed)
+    predict.main(["--resume", str(unnamed), str(images / "000000.png"), "--out", str(tmp_path / "out")])
+    stderr = capsys.readouterr().err
+    (line,) = [line for line in stderr.splitlines() if "names none" in line]
+    assert line.startswith("warning: the checkpoint names none of its 6 classes; names are the category ids")
+    assert "UserWarning" not in stderr and "from_checkpoint(" not in stderr  # no Python warning display
