@@ -9,6 +9,7 @@ import contextlib
 import datetime
 import logging
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -194,10 +195,14 @@ def main(args: argparse.Namespace) -> None:
         with signals_raise():
             _run(args, last)
     except InputError as err:
-        print(f"error: {err}", file=sys.stderr)
+        # Every process of a torchrun run meets a bad flag or file alike: the first says it. A data error in
+        # one process's images, that process says.
+        if err.local or os.environ.get("RANK", "0") == "0":
+            print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     except NonFiniteLossError as err:
-        print(f"error: {err}", file=sys.stderr)
+        if get_rank() == 0:  # the loss is reduced over the processes: every one stops at the same step
+            print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
     except Interrupted as interrupt:
         if get_rank() == 0:  # every process stops; one says so

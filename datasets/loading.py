@@ -35,6 +35,7 @@ class _FailuresAsValues(Dataset):
             return self.dataset[index]
         except InputError as err:
             if get_worker_info() is None:  # in the main process the error can keep its own traceback
+                err.local = True
                 raise
             return LoadFailure(str(err))
 
@@ -58,7 +59,8 @@ def _exit_quietly_on_signals(worker_id: int) -> None:
 
 class DetectionLoader(DataLoader):
     """DataLoader of a detection data set (any DataLoader arguments but `collate_fn` and `worker_init_fn`),
-    yielding (images, targets) lists; an InputError of the data set is raised as it was, also from workers."""
+    yielding (images, targets) lists; an InputError of the data set is raised as it was, also from workers,
+    marked `local` (this process's images)."""
 
     def __init__(self, dataset: Dataset, **kwargs: Any) -> None:
         super().__init__(_FailuresAsValues(dataset), collate_fn=collate_fn,
@@ -67,5 +69,5 @@ class DetectionLoader(DataLoader):
     def __iter__(self) -> Iterator[tuple[list[Tensor], list[Target]]]:
         for batch in super().__iter__():
             if isinstance(batch, LoadFailure):
-                raise InputError(batch.message)
+                raise InputError(batch.message, local=True)
             yield batch

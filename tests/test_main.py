@@ -14,9 +14,11 @@ import pytest
 import torch
 
 import main as main_module
+from datasets.loading import DetectionLoader
 from datasets.synthetic import generate
 from deta import build_model
 from deta.checkpoint import to_official
+from deta.errors import InputError
 
 REPO = Path(__file__).resolve().parents[1]
 # A model small enough for CPU tests. hidden_dim 64: with 5 levels the stride-128 map of these images is 1×1,
@@ -445,6 +447,45 @@ def test_ctrl_c_under_torchrun_is_one_line_from_the_first_process(data_flags: li
     assert ours.startswith("error: interrupted by SIGINT; there is no checkpoint to resume from, run again with: "
                            f"{shlex.join([*launcher, str(REPO / 'main.py')])}")
     assert "Traceback" not in err.split("error: interrupted")[0]  # no process of ours printed one
+
+
+class _UnreadableImages(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, index: int) -> object:
+        raise InputError(f"{index:06d}.png: cannot read image")
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_a_data_error_of_the_loader_is_this_process_s_own(num_workers: int) -> None:
+    with pytest.raises(InputError, match="000000.png: cannot read image") as error:
+        next(iter(DetectionLoader(_UnreadableImages(), batch_size=2, num_workers=num_workers)))
+    assert error.value.local
+
+
+@pytest.mark.parametrize(("rank", "local", "said"), [("0", False, True), ("1", False, False), ("1", True, True)])
+def test_under_torchrun_one_process_says_an_error_all_meet(monkeypatch: pytest.MonkeyPatch,
+                                                           capsys: pytest.CaptureFixture, rank: str, local: bool,
+                                                           said: bool) -> None:
+    def run(args: argparse.Namespace, last: object) -> None:
+        raise InputError("x.png: bad", local=local)
+
+    monkeypatch.setenv("RANK", rank)
+    monkeypatch.setattr(main_module, "_run", run)
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(*TINY)
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == ("error: x.png: bad\n" if said else "")
+
+
+def test_a_bad_flag_is_said_by_the_first_process_only(monkeypatch: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture) -> None:
+    for rank, expected in (("1", ""), ("0", "error: --lr_drop 0: must be 1 or more\n")):
+        monkeypatch.setenv("RANK", rank)
+        with pytest.raises(SystemExit) as exit_info:
+            run_main(*TINY, "--lr_drop", "0")
+        assert exit_info.value.code == 2 and capsys.readouterr().err == expected
 
 
 def test_a_bad_image_read_by_a_worker_is_one_line(data_flags: list[str], tmp_path: Path,
