@@ -23,7 +23,7 @@ from torch.utils.tensorboard import SummaryWriter
 from datasets import DetectionLoader, build_dataset, resolve_num_classes
 from datasets.coco import category_names
 from deta import build_model
-from deta.checkpoint import load_checkpoint, load_model_weights
+from deta.checkpoint import class_head_size, load_checkpoint, load_model_weights
 from deta.errors import InputError
 from engine import NonFiniteLossError, evaluate, train_one_epoch
 from training.args_check import architecture_differences, validate_args
@@ -238,7 +238,8 @@ def _run(args: argparse.Namespace, last: LastCheckpoint) -> None:
             if not _epochs_left(checkpoint, args, evaluate_first):
                 return
     if args.num_classes is None:
-        args.num_classes = _checkpoint_num_classes(checkpoint) if args.resume else resolve_num_classes(args)
+        args.num_classes = (class_head_size(checkpoint["model"], "--resume", "--num_classes") if args.resume
+                            else resolve_num_classes(args))
     model, criterion, postprocessors = build_model(args)
     model.to(device)
     criterion.to(device)
@@ -378,15 +379,6 @@ def _load_weights(model: torch.nn.Module, checkpoint: dict[str, Any], args: argp
         log.info(f"--finetune: re-initialised {len(skipped)} class-head tensor(s) whose size differs from the "
                  f"checkpoint's: {', '.join(skipped)}" if skipped else
                  "--finetune: every tensor loaded from the checkpoint (its class heads fit --num_classes)")
-
-
-def _checkpoint_num_classes(checkpoint: dict[str, Any]) -> int:
-    """Class-head size of a checkpoint (all our and official heads are `class_embed.N`)."""
-    head = checkpoint["model"].get("class_embed.0.bias")
-    if head is None:
-        raise InputError("--resume: the checkpoint has no class_embed.0.bias to size the class head; "
-                         "pass --num_classes")
-    return head.shape[0]
 
 
 def _restore_training_state(checkpoint: dict[str, Any], optimizer: torch.optim.Optimizer,

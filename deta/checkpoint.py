@@ -25,9 +25,9 @@ from .formats.hf import category_names as hf_category_names
 from .formats.hf import model_args as hf_model_args
 from .formats.official import from_official, to_official
 
-__all__ = ["HF_FOLDER_FILES", "SOURCE_FORMATS", "TARGET_FORMATS", "convert_state_dict", "describe", "detect_format",
-           "from_official", "from_ours", "input_file_at", "load_checkpoint", "load_model_weights", "save_atomically",
-           "save_hf_folder", "save_text_atomically", "state_dict_problems", "to_official"]
+__all__ = ["HF_FOLDER_FILES", "SOURCE_FORMATS", "TARGET_FORMATS", "class_head_size", "convert_state_dict", "describe",
+           "detect_format", "from_official", "from_ours", "input_file_at", "load_checkpoint", "load_model_weights",
+           "save_atomically", "save_hf_folder", "save_text_atomically", "state_dict_problems", "to_official"]
 
 StateDict = dict[str, Tensor]
 # Files of a HuggingFace model folder, in order of preference.
@@ -81,6 +81,15 @@ def input_file_at(output: str | os.PathLike, source: str | os.PathLike) -> Path 
     read = [source, *source.iterdir()] if source.is_dir() else [source]
     return next((path for path in read if output.exists() and path.exists() and os.path.samefile(output, path)),
                 None)
+
+
+def class_head_size(state_dict: Mapping[str, Tensor], source: str, flag: str) -> int:
+    """Number of classes of a checkpoint's class head (ours and the official ones are all `class_embed.N`);
+    without one, an InputError naming `source` and the `flag` that gives the number."""
+    head = state_dict.get("class_embed.0.bias")
+    if head is None:
+        raise InputError(f"{source}: the checkpoint has no class_embed.0.bias to size the class head; pass {flag}")
+    return head.shape[0]
 
 
 def _hf_weights(folder: Path) -> Path:

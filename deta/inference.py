@@ -23,7 +23,7 @@ from datasets.images import read_rgb, to_rgb, upright
 from datasets.transforms import make_transforms
 
 from . import COCO_NUM_CLASSES, build_model
-from .checkpoint import load_checkpoint, load_model_weights
+from .checkpoint import class_head_size, load_checkpoint, load_model_weights
 from .coco_categories import COCO_CATEGORY_NAMES
 from .errors import InputError
 
@@ -76,7 +76,7 @@ class Detector:
         if device is not None:
             args.device = str(device)
         if args.num_classes is None:
-            args.num_classes = _class_head_size(checkpoint, path)
+            args.num_classes = class_head_size(checkpoint["model"], f"checkpoint {path}", "num_classes=")
         validate_args(args)
         model, _, postprocessors = build_model(args)
         load_model_weights(model, checkpoint["model"])
@@ -143,13 +143,6 @@ def _as_rgb(image: ImageInput) -> Image.Image:
         return F.to_pil_image(image.cpu())
     raise InputError(f"image of type {type(image).__name__}: expected a file path, a PIL image or a uint8 "
                      "3×H×W tensor")
-
-
-def _class_head_size(checkpoint: dict, path: str | os.PathLike) -> int:
-    head = checkpoint["model"].get("class_embed.0.bias")
-    if head is None:
-        raise InputError(f"checkpoint {path}: no class_embed.0.bias to size the class head; pass num_classes=")
-    return head.shape[0]
 
 
 def class_names(checkpoint: dict, names_json: str | os.PathLike | None, num_classes: int) -> dict[int, str]:

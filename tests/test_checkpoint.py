@@ -11,6 +11,7 @@ import torch
 
 import deta
 from deta.checkpoint import (
+    class_head_size,
     detect_format,
     from_official,
     load_checkpoint,
@@ -160,3 +161,9 @@ def test_convert_refuses_to_write_an_hf_folder_over_itself(training_checkpoint, 
     err = _convert(monkeypatch, capsys, "--to", "hf", str(tmp_path / "hf"), str(tmp_path / "hf"))
     assert "the output is the input" in err
     assert (tmp_path / "hf" / "model.safetensors").read_bytes() == before
+
+
+def test_class_head_size_reads_the_head_or_names_the_flag_that_gives_it() -> None:
+    assert class_head_size({"class_embed.0.bias": torch.zeros(91)}, "--resume", "--num_classes") == 91
+    with pytest.raises(InputError, match="^--resume: the checkpoint has no class_embed.0.bias .*; pass --num_classes$"):
+        class_head_size({"backbone.0.weight": torch.zeros(1)}, "--resume", "--num_classes")
