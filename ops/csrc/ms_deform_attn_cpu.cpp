@@ -1,5 +1,5 @@
-// CPU kernels: threads over (batch, query) rows in the forward pass and over (batch, head, query
-// chunk) in the backward pass, so that no two threads ever write the same value gradient. Each
+// CPU kernels: threads over (batch, head, query chunk) tasks in both passes; in the backward pass each
+// task owns its slice of the value gradient, so that no two threads ever write the same element. Each
 // (batch, query, head) first computes the bilinear geometry of all its samples, vectorised across
 // samples; every other inner loop runs over the contiguous channels of one (token, head).
 #include <ATen/Dispatch.h>
@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "ms_deform_attn.h"
@@ -29,6 +30,7 @@ namespace {
 // Channel counts compiled with a constant trip count (DETA: 256 channels / 8 heads); others run the
 // same code with a runtime count.
 constexpr int64_t kSpecialisedChannels = 32;
+
 
 // Level parameters of each sample i = level * points + point, the same for every (batch, query, head).
 struct LevelTable {
@@ -137,43 +139,104 @@ C10_ALWAYS_INLINE acc_t dot(const acc_t* __restrict__ a, const scalar_t* __restr
   return sum;
 }
 
+// The weighted corners of all samples of one (batch, query, head), added in vector registers: each
+// sample's four corners are summed first, so that the running sums see one addition per sample. A
+// corner outside the map reads a row of zeros instead of branching.
+template <typename acc_t, int64_t kChannels>
+C10_ALWAYS_INLINE void gather_in_registers(const Scratch<acc_t>& geo, const acc_t* __restrict__ attention,
+                                           const acc_t* value_h, int64_t token_stride, const acc_t* zeros,
+                                           int64_t samples, acc_t* __restrict__ out) {
+  typedef acc_t Vec __attribute__((vector_size(32)));
+  constexpr int64_t kWidth = sizeof(Vec) / sizeof(acc_t);
+  constexpr int64_t kVecs = kChannels / kWidth;
+  Vec sum[kVecs] = {};
+  for (int64_t i = 0; i < samples; ++i) {
+    const acc_t* corner[4];
+    Vec weight[4];
+#pragma GCC unroll 4
+    for (int k = 0; k < 4; ++k) {
+      const int32_t token = geo.token[k][i];
+      corner[k] = token < 0 ? zeros : value_h + token * token_stride;
+      weight[k] = Vec{} + attention[i] * geo.weight[k][i];
+    }
+#pragma GCC unroll 16
+    for (int64_t j = 0; j < kVecs; ++j) {
+      Vec x[4];
+#pragma GCC unroll 4
+      for (int k = 0; k < 4; ++k) {
+        std::memcpy(&x[k], corner[k] + j * kWidth, sizeof(Vec));
+      }
+      sum[j] += weight[0] * x[0] + weight[1] * x[1] + weight[2] * x[2] + weight[3] * x[3];
+    }
+  }
+  std::memcpy(out, sum, sizeof(sum));
+}
+
+// The same for any channel count and for half-precision values (converted while reading).
+template <typename scalar_t, typename acc_t>
+C10_ALWAYS_INLINE void gather(const Scratch<acc_t>& geo, const acc_t* __restrict__ attention,
+                              const scalar_t* value_h, int64_t token_stride, int64_t samples, int64_t channels,
+                              acc_t* __restrict__ acc, scalar_t* __restrict__ out) {
+  std::fill_n(acc, channels, acc_t(0));
+  for (int64_t i = 0; i < samples; ++i) {
+    for (int k = 0; k < 4; ++k) {
+      const int32_t token = geo.token[k][i];
+      if (token < 0) {
+        continue;
+      }
+      const scalar_t* __restrict__ v = value_h + token * token_stride;
+      const acc_t w = attention[i] * geo.weight[k][i];
+      for (int64_t ch = 0; ch < channels; ++ch) {
+        acc[ch] += w * static_cast<acc_t>(v[ch]);
+      }
+    }
+  }
+  for (int64_t ch = 0; ch < channels; ++ch) {
+    out[ch] = static_cast<scalar_t>(acc[ch]);
+  }
+}
+
+// Task t covers batch b, head h and the t % chunks-th slice of the queries. Consecutive queries of one
+// head sample neighbouring pixels, which stay in cache; their locations and weights, `heads` groups
+// apart, are prefetched a few queries ahead because the hardware prefetcher does not follow that stride.
 template <typename scalar_t, int64_t kChannels>
-DETA_CPU_CLONES void forward_rows(const Problem<scalar_t>& p, scalar_t* __restrict__ output, int64_t begin,
-                                  int64_t end) {
+DETA_CPU_CLONES void forward_tasks(const Problem<scalar_t>& p, scalar_t* __restrict__ output, int64_t chunks,
+                                   int64_t begin, int64_t end) {
   using acc_t = at::opmath_type<scalar_t>;
+  constexpr bool kInRegisters = std::is_same_v<scalar_t, acc_t> && kChannels > 0 &&
+                                kChannels * sizeof(acc_t) % 32 == 0 && kChannels * sizeof(acc_t) <= 256;
+  constexpr int64_t kPrefetchQueries = 4;
   const Sizes& s = p.s;
   const int64_t channels = kChannels > 0 ? kChannels : s.channels;
   const Layout& layout = p.layout;
   const int64_t samples = s.levels * s.points;
+  const int64_t location_bytes = samples * 2 * static_cast<int64_t>(sizeof(acc_t));
   Scratch<acc_t> geo(samples);
-  alignas(64) acc_t fixed[kChannels > 0 ? kChannels : 1];
-  std::vector<acc_t> dynamic(kChannels > 0 ? 0 : channels);
-  acc_t* __restrict__ acc = kChannels > 0 ? fixed : dynamic.data();
+  std::vector<acc_t> acc(channels);
+  const std::vector<scalar_t> zeros(channels, scalar_t(0));
 
-  for (int64_t row = begin; row < end; ++row) {  // row = batch * queries + query
-    const scalar_t* value_b = p.value + row / s.queries * layout.batch;
-    for (int64_t h = 0; h < s.heads; ++h) {
-      const int64_t group = row * s.heads + h;
-      const acc_t* attention = p.weights + group * samples;
-      const scalar_t* value_h = value_b + h * layout.head;
-      locate_samples(*p.levels, p.locations + group * samples * 2, geo);
-      std::fill_n(acc, channels, acc_t(0));
-      for (int64_t i = 0; i < samples; ++i) {
-        for (int k = 0; k < 4; ++k) {
-          const int32_t token = geo.token[k][i];
-          if (token < 0) {
-            continue;
-          }
-          const scalar_t* __restrict__ v = value_h + token * layout.token;
-          const acc_t w = attention[i] * geo.weight[k][i];
-          for (int64_t ch = 0; ch < channels; ++ch) {
-            acc[ch] += w * static_cast<acc_t>(v[ch]);
-          }
-        }
+  for (int64_t task = begin; task < end; ++task) {
+    const int64_t chunk = task % chunks;
+    const int64_t b = task / chunks / s.heads;
+    const int64_t h = task / chunks % s.heads;
+    const scalar_t* value_h = p.value + b * layout.batch + h * layout.head;
+    const int64_t q_begin = s.queries * chunk / chunks, q_end = s.queries * (chunk + 1) / chunks;
+    for (int64_t q = q_begin; q < q_end; ++q) {
+      const int64_t group = (b * s.queries + q) * s.heads + h;
+      const int64_t ahead = group + kPrefetchQueries * s.heads;  // prefetching past the end is harmless
+      for (int64_t byte = 0; byte < location_bytes; byte += 64) {
+        __builtin_prefetch(reinterpret_cast<const char*>(p.locations + ahead * samples * 2) + byte);
       }
-      scalar_t* out = output + group * channels;
-      for (int64_t ch = 0; ch < channels; ++ch) {
-        out[ch] = static_cast<scalar_t>(acc[ch]);
+      for (int64_t byte = 0; byte < location_bytes / 2; byte += 64) {
+        __builtin_prefetch(reinterpret_cast<const char*>(p.weights + ahead * samples) + byte);
+      }
+      const acc_t* attention = p.weights + group * samples;
+      locate_samples(*p.levels, p.locations + group * samples * 2, geo);
+      if constexpr (kInRegisters) {
+        gather_in_registers<acc_t, kChannels>(geo, attention, value_h, layout.token, zeros.data(), samples,
+                                              output + group * channels);
+      } else {
+        gather(geo, attention, value_h, layout.token, samples, channels, acc.data(), output + group * channels);
       }
     }
   }
@@ -243,11 +306,23 @@ DETA_CPU_CLONES void backward_tasks(const Problem<scalar_t>& p, const scalar_t* 
   }
 }
 
-// Reads the level shapes on the host (they are CPU tensors here); a level that would read past the end of
-// value is an error rather than an out-of-bounds access.
+// With many samples per token (the encoder), head-major copies of value (and of its gradient) pay for
+// themselves: each task's slice becomes contiguous, touching far fewer pages (TLB misses) and sharing
+// cache lines between neighbouring pixels. With few (the decoder) the copies would dominate.
+bool prefers_head_major(const Sizes& s) {
+  return s.queries * s.levels * s.points >= 8 * s.tokens;
+}
+
 Layout token_major(const Sizes& s) {
   return {s.tokens * s.heads * s.channels, s.channels, s.heads * s.channels};
 }
+
+Layout head_major_layout(const Sizes& s) {
+  return {s.heads * s.tokens * s.channels, s.tokens * s.channels, s.channels};
+}
+
+// Reads the level shapes on the host (they are CPU tensors here); a level that would read past the end of
+// value is an error rather than an out-of-bounds access.
 
 LevelTable make_table(const at::Tensor& spatial_shapes, const at::Tensor& level_start_index, const Sizes& s) {
   const at::Tensor shapes = spatial_shapes.to(at::kLong).contiguous();
@@ -272,7 +347,9 @@ at::Tensor forward_cpu(const at::Tensor& value_in, const at::Tensor& spatial_sha
                        const at::Tensor& attention_weights) {
   const Sizes s = check_inputs(value_in, spatial_shapes, level_start_index, sampling_locations, attention_weights);
   const LevelTable table = make_table(spatial_shapes, level_start_index, s);
-  const at::Tensor value = value_in.contiguous();
+  const bool head_major = prefers_head_major(s);
+  const at::Tensor value = head_major ? value_in.transpose(1, 2).contiguous() : value_in.contiguous();
+  const Layout layout = head_major ? head_major_layout(s) : token_major(s);
   at::Tensor output = at::empty({s.batch, s.queries, s.heads * s.channels}, value.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn_cpu", [&] {
     // Locations and weights are read in the accumulation type: half-precision locations would be
@@ -281,15 +358,17 @@ at::Tensor forward_cpu(const at::Tensor& value_in, const at::Tensor& spatial_sha
     const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
     const at::Tensor locations = sampling_locations.to(acc_type).contiguous();
     const at::Tensor weights = attention_weights.to(acc_type).contiguous();
-    const Problem<scalar_t> p{value.const_data_ptr<scalar_t>(), token_major(s), locations.const_data_ptr<acc_t>(),
+    const Problem<scalar_t> p{value.const_data_ptr<scalar_t>(), layout, locations.const_data_ptr<acc_t>(),
                               weights.const_data_ptr<acc_t>(), &table, s};
     scalar_t* out = output.mutable_data_ptr<scalar_t>();
     const bool specialised = s.channels == kSpecialisedChannels;
-    at::parallel_for(0, s.batch * s.queries, 16, [&](int64_t begin, int64_t end) {
+    // Slices of a few hundred queries: many tasks per thread, each long enough to reuse its head's cache.
+    const int64_t chunks = std::max<int64_t>((s.queries + 511) / 512, 1);
+    at::parallel_for(0, s.batch * s.heads * chunks, 1, [&](int64_t begin, int64_t end) {
       if (specialised) {
-        forward_rows<scalar_t, kSpecialisedChannels>(p, out, begin, end);
+        forward_tasks<scalar_t, kSpecialisedChannels>(p, out, chunks, begin, end);
       } else {
-        forward_rows<scalar_t, 0>(p, out, begin, end);
+        forward_tasks<scalar_t, 0>(p, out, chunks, begin, end);
       }
     });
   });
@@ -305,13 +384,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(const at::Tensor& gr
   const Sizes s = check_backward_inputs(grad_output_in, value_in, spatial_shapes, level_start_index,
                                         sampling_locations, attention_weights);
   const LevelTable table = make_table(spatial_shapes, level_start_index, s);
-  // With many samples per token (the encoder), head-major copies of value and of its gradient pay for
-  // themselves: each task's slice becomes contiguous, touching far fewer pages (TLB misses) and sharing
-  // cache lines between neighbouring pixels. With few (the decoder) the copies would dominate.
-  const bool head_major = s.queries * s.levels * s.points >= 8 * s.tokens;
+  const bool head_major = prefers_head_major(s);
   const at::Tensor value = head_major ? value_in.transpose(1, 2).contiguous() : value_in.contiguous();
-  const Layout layout = head_major ? Layout{s.heads * s.tokens * s.channels, s.tokens * s.channels, s.channels}
-                                   : token_major(s);
+  const Layout layout = head_major ? head_major_layout(s) : token_major(s);
   const at::Tensor grad_output = grad_output_in.to(value.scalar_type()).contiguous();
   at::Tensor grad_value, grad_locations, grad_weights;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn_backward_cpu", [&] {
