@@ -75,39 +75,30 @@ class MSDeformAttn(nn.Module):
             # In place: a linear layer keeps its input, not its output, for the backward pass.
             value = value.masked_fill_(padding_mask[..., None], 0.0)
         value = value.view(batch, tokens, self.n_heads, self.d_model // self.n_heads)
-        # Offsets and attention weights are projections of the same query: one matmul for both. Slices,
-        # not split(), so that the offsets may be updated in place below.
-        n_offsets = self.sampling_offsets.out_features
-        projected = linear(query, torch.cat([self.sampling_offsets.weight, self.attention_weights.weight]),
-                           torch.cat([self.sampling_offsets.bias, self.attention_weights.bias]))
         sample_shape = (batch, queries, self.n_heads, self.n_levels, self.n_points, 2)
         if reference_points.shape[-1] == 2:
-            # Offsets are in pixels of each level. The locations are the module's largest tensor (the
-            # encoder's: 28 MB per 800x1333 image), so they are computed in place, in the references'
-            # precision (fp32 under autocast), with the per-level factors laid out along each head's
-            # levels x points x 2 values: broadcasting over a last dimension of 2 runs element by element.
-            locations = projected[..., :n_offsets].view(batch, queries, self.n_heads, -1)
+            # Offsets are in pixels of each level. Their projection's rows divided by the level sizes (W for x,
+            # H for y) give them normalised straight away, which saves a pass over the module's largest tensor
+            # (the encoder's locations, 28 MB per 800x1333 image). The references are added in place, in their
+            # precision (fp32 under autocast), laid out along each head's levels x points x 2 values:
+            # broadcasting over a last dimension of 2 runs element by element.
+            sizes = spatial_shapes.flip(-1).to(self.sampling_offsets.weight.dtype)
+            sizes = sizes[None, :, None, :].expand(self.n_heads, -1, self.n_points, -1).reshape(-1)
+            locations = linear(query, self.sampling_offsets.weight / sizes[:, None], self.sampling_offsets.bias / sizes)
             locations = locations.to(torch.promote_types(locations.dtype, reference_points.dtype))
-            normalizer = spatial_shapes.flip(-1).to(locations.dtype)[:, None, :].expand(-1, self.n_points, -1)
             references = reference_points.repeat(1, 1, 1, self.n_points).view(batch, queries, 1, -1)
-            if torch.compiler.is_compiling():
-                # Traced (torch.compile, export), in-place updates of a view of `projected` become scatters
-                # into it (in ONNX a Transpose and a ScatterND per layer, 3.5 s of ONNX Runtime's 22 s at
-                # 800x1333); the same arithmetic out of place.
-                locations = locations / normalizer.reshape(-1) + references
-            else:
-                locations = locations.div_(normalizer.reshape(-1)).add_(references)
-            locations = locations.view(sample_shape)
+            locations = locations.view(batch, queries, self.n_heads, -1).add_(references).view(sample_shape)
         elif reference_points.shape[-1] == 4:
             # Offsets are in units of half the reference box, spread over the points.
-            offsets = projected[..., :n_offsets].view(sample_shape)
+            offsets = linear(query, self.sampling_offsets.weight, self.sampling_offsets.bias).view(sample_shape)
             locations = (reference_points[:, :, None, :, None, :2]
                          + offsets / self.n_points * reference_points[:, :, None, :, None, 2:] * 0.5)
         else:
             raise ValueError(f"reference_points must end in 2 or 4 coordinates, got {reference_points.shape[-1]}")
         # In the locations' precision, which the kernels read both in (fp32 under autocast, where a bf16
         # softmax would also be slower).
-        weights = projected[..., n_offsets:].view(batch, queries, self.n_heads, self.n_levels * self.n_points)
+        weights = linear(query, self.attention_weights.weight, self.attention_weights.bias)
+        weights = weights.view(batch, queries, self.n_heads, self.n_levels * self.n_points)
         weights = F.softmax(weights, -1, dtype=locations.dtype).view(sample_shape[:-1])
         output = ms_deform_attn(value, spatial_shapes, level_start_index, locations, weights)
         return linear(output, self.output_proj.weight, self.output_proj.bias)
