@@ -12,11 +12,15 @@ only that. With transformers 4.57.x installed, HF's DetaForObjectDetection of th
 the same inputs and the table gives the speed ratio; with --amp, HF's model runs both under autocast and in
 fp32, and ours is compared with each.
 
-Every latency of ours comes with the machine's floor, measured in the same process: the model's FLOPs
-(torch's FlopCounterMode, during the untimed call) over this machine's matmul rate in the precision that
-runs (fp32, or bf16 with --amp), and the share of that floor the latency reaches; on CPU one more call,
-with its matmuls and convolutions timed, gives the time spent outside them. `--scaling` measures only our
-latency and peak memory at 512x512, 800x1333 and the Swin recipe's 1200x2000, at batch 1, 2 and 4.
+A latency is the median of a few calls (3 on CPU, 10 on CUDA) after one untimed call. Every latency of ours
+comes with the machine's floor, measured in the same process: the model's FLOPs (torch's FlopCounterMode,
+during the untimed call) over this machine's matmul rate in the precision that runs (fp32, or bf16 with
+--amp). A shared machine's rate moves by tens of percent within minutes, so the rate is measured between
+the calls and each call is set against the higher of the two rates around it; the report gives each call's
+share of its floor and their median. On CPU one more call, with its matmuls and convolutions timed, gives
+the time spent outside them. `--scaling` measures only our latency (one timed call each unless
+--latency_calls says otherwise) and peak memory at 512x512, 800x1333 and the Swin recipe's 1200x2000, at
+batch 1, 2 and 4.
 `--onnx` measures only the latency of one image on the CPU in ONNX Runtime (the model exported by
 deta.onnx_export with its post-processing, fp32) next to ours in fp32 and under bf16 autocast.
 
@@ -31,6 +35,7 @@ import gc
 import importlib.metadata
 import math
 import resource
+import statistics
 import sys
 import tempfile
 import time
@@ -69,9 +74,9 @@ TINY = [*R50_5SCALE, "--backbone", "resnet18", "--enc_layers", "1", "--dec_layer
         "--nheads", "2", "--dim_feedforward", "64", "--num_queries", "20"]
 # Defaults by mode: CUDA at the COCO test size; CPU smaller and fewer iterations, to take minutes.
 PRESETS = {
-    "cuda": {"image_size": (800, 1333), "latency_size": None, "warmup": 10, "iters": 20},
-    "cpu": {"image_size": (256, 384), "latency_size": (800, 1333), "warmup": 1, "iters": 1},
-    "tiny": {"image_size": (256, 320), "latency_size": (256, 320), "warmup": 0, "iters": 1},
+    "cuda": {"image_size": (800, 1333), "latency_size": None, "warmup": 10, "iters": 20, "latency_calls": 10},
+    "cpu": {"image_size": (256, 384), "latency_size": (800, 1333), "warmup": 1, "iters": 1, "latency_calls": 3},
+    "tiny": {"image_size": (256, 320), "latency_size": (256, 320), "warmup": 0, "iters": 1, "latency_calls": 2},
 }
 # --scaling: a square image, the COCO test size and the Swin recipe's --bigger one; batches up to 4.
 SCALING_SIZES = ((512, 512), (800, 1333), (1200, 2000))
@@ -89,6 +94,7 @@ class Setting:
     latency_size: tuple[int, int] | None  # of the one-image latency, if measured
     warmup: int
     iters: int
+    latency_calls: int  # timed calls per latency, after one untimed call
 
 
 @dataclass(frozen=True)
@@ -97,7 +103,7 @@ class Case:
     name: str
     images: Tensor
     targets: list[dict[str, Tensor]] | None = None
-    latency: bool = False  # one call after one warm-up call, in seconds, instead of images/s
+    latency: bool = False  # seconds per call (see timed_calls) instead of images/s
 
 
 @dataclass(frozen=True)
@@ -107,6 +113,7 @@ class Result:
     peak_mib: float
     gflop: float | None = None  # of one call, where counted
     outside_matmul_s: float | None = None  # of one profiled call, where profiled
+    calls: tuple[tuple[float, float], ...] = ()  # (seconds, matmul rate set against it) of each call, where paired
 
     def __str__(self) -> str:
         return f"{self.value:.3g} {self.unit}"
@@ -163,6 +170,25 @@ def measure(step: Callable[[], object], setting: Setting) -> tuple[float, float]
         step()
     _synchronize(setting.device)
     return (time.perf_counter() - start) / setting.iters, _peak_memory_mib(setting.device)
+
+
+def timed_calls(step: Callable[[], object], setting: Setting, with_rates: bool) -> list[tuple[float, float]]:
+    """(seconds, matmul rate in GFLOP/s) of each of `setting.latency_calls` calls of `step`.
+
+    With `with_rates` the rate is measured before the first call and after each, and a call gets the higher of
+    the two around it: on a shared machine a call is only comparable with the machine as it was meanwhile,
+    and the higher rate keeps a slow moment from inflating the share of the floor. Without, the rates are 0."""
+    dtype = torch.bfloat16 if setting.amp else torch.float32
+    measure_rate = (lambda: matmul_rate(dtype, setting.device)) if with_rates else (lambda: 0.0)
+    rates, seconds = [measure_rate()], []
+    for _ in range(setting.latency_calls):
+        _synchronize(setting.device)
+        start = time.perf_counter()
+        step()
+        _synchronize(setting.device)
+        seconds.append(time.perf_counter() - start)
+        rates.append(measure_rate())
+    return [(call, max(rates[i], rates[i + 1])) for i, call in enumerate(seconds)]
 
 
 def _autocast(setting: Setting) -> torch.autocast:
@@ -344,15 +370,18 @@ def run_case(runner: Runner, case: Case, setting: Setting) -> Result:
         step = lambda: runner.infer(case.images)
     else:
         step = lambda: runner.train_step(case.images, case.targets)
-    if case.latency and getattr(runner, "measures_floor", False):
-        with FlopCounterMode(display=False, custom_mapping=FUSED_FLOPS) as flops:
-            step()  # the untimed call
-        seconds, peak = measure(step, replace(setting, warmup=0, iters=1))
-        outside = seconds_outside_matmuls(step) if setting.device.type == "cpu" else None
-        return Result(seconds, "s", peak, flops.get_total_flops() / 1e9, outside)
     if case.latency:
-        seconds, peak = measure(step, replace(setting, warmup=1, iters=1))
-        return Result(seconds, "s", peak)
+        with_floor = getattr(runner, "measures_floor", False)
+        _reset_peak_memory(setting.device)
+        with FlopCounterMode(display=False, custom_mapping=FUSED_FLOPS) if with_floor else contextlib.nullcontext() \
+                as flops:
+            step()  # the untimed call
+        calls = timed_calls(step, setting, with_rates=with_floor)
+        seconds, peak = statistics.median(call for call, _ in calls), _peak_memory_mib(setting.device)
+        if not with_floor:
+            return Result(seconds, "s", peak)
+        outside = seconds_outside_matmuls(step) if setting.device.type == "cpu" else None
+        return Result(seconds, "s", peak, flops.get_total_flops() / 1e9, outside, tuple(calls))
     seconds, peak = measure(step, setting)
     return Result(len(case.images) / seconds, "img/s", peak)
 
@@ -417,16 +446,18 @@ def matmul_rate(dtype: torch.dtype, device: torch.device, min_call_s: float = 0.
         size *= 2
 
 
-def floor_report(results: dict[str, Result | str], rate: float, precision: str) -> list[str]:
-    """One line per latency of ours with its FLOPs: the floor at `rate` and the share of it reached."""
+def floor_report(results: dict[str, Result | str], precision: str) -> list[str]:
+    """One line per latency of ours with its FLOPs: each call's floor and the share of it reached, and their median."""
     lines = []
     for case, result in results.items():
         if isinstance(result, Result) and result.gflop is not None:
-            floor = result.gflop / rate
-            lines.append(f"{case}: {result.gflop:.0f} GFLOP, floor {floor:.2f} s at the {precision} matmul rate "
-                         f"{rate:.1f} GFLOP/s; ours {result.value:.2f} s = {floor / result.value:.0%} of the floor"
-                         + (f", {result.outside_matmul_s:.2f} s outside matmuls and convolutions"
-                            if result.outside_matmul_s is not None else ""))
+            shares = [result.gflop / rate / seconds for seconds, rate in result.calls]
+            each = ", ".join(f"{seconds:.2f} s at {rate:.1f} GFLOP/s = {share:.0%}"
+                             for (seconds, rate), share in zip(result.calls, shares, strict=True))
+            lines.append(f"{case}: {result.gflop:.0f} GFLOP; each call against the higher {precision} matmul rate "
+                         f"measured just before and after it: {each}; median {statistics.median(shares):.0%} of "
+                         "the floor" + (f", {result.outside_matmul_s:.2f} s outside matmuls and convolutions"
+                                        if result.outside_matmul_s is not None else ""))
     return lines
 
 
@@ -506,6 +537,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="images of the throughput measurements (default: 800 1333 on CUDA, 256 384 on CPU)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed iterations (default: 10 CUDA, 1 CPU)")
     parser.add_argument("--iters", type=int, default=None, help="timed iterations (default: 20 CUDA, 1 CPU)")
+    parser.add_argument("--latency_calls", type=int, default=None,
+                        help="timed calls per latency, after one untimed call (default: 10 CUDA, 3 CPU, 1 with "
+                             "--scaling)")
     argv = sys.argv[1:] if argv is None else argv
     split = argv.index("--") if "--" in argv else len(argv)
     options = parser.parse_args(argv[:split])
@@ -522,7 +556,13 @@ def run(options: argparse.Namespace, overrides: list[str]) -> None:
         raise InputError("--device cuda: no CUDA device is visible; pass --device cpu")
     args = get_args_parser().parse_args([*(TINY if options.tiny else R50_5SCALE), *overrides,
                                          "--device", device.type])
-    chosen = {key: getattr(options, key) for key in ("warmup", "iters") if getattr(options, key) is not None}
+    for flag, least in (("warmup", 0), ("iters", 1), ("latency_calls", 1)):
+        if getattr(options, flag) is not None and getattr(options, flag) < least:
+            raise InputError(f"--{flag} must be at least {least}, got {getattr(options, flag)}")
+    chosen = {key: getattr(options, key) for key in ("warmup", "iters", "latency_calls")
+              if getattr(options, key) is not None}
+    if options.scaling:
+        chosen.setdefault("latency_calls", 1)  # nine cases of up to a minute a call on CPU
     if options.image_size:
         chosen["image_size"] = tuple(options.image_size)
     setting = Setting(device=device, amp=options.amp, **{**PRESETS["tiny" if options.tiny else device.type], **chosen})
@@ -544,17 +584,12 @@ def run(options: argparse.Namespace, overrides: list[str]) -> None:
           + (f"; HF DETA not measured: {why_not_hf}" if why_not_hf else ""), flush=True)
     precision = "bf16" if options.amp else "fp32"
     dtype = torch.bfloat16 if options.amp else torch.float32
-    rate_before = matmul_rate(dtype, device)
-    print(f"matmul rate: {rate_before:.1f} GFLOP/s in {precision}; {bf16_instructions(device)}", flush=True)
+    print(f"matmul rate: {matmul_rate(dtype, device):.1f} GFLOP/s in {precision}; {bf16_instructions(device)}",
+          flush=True)
     measured = scaling_cases(setting, options.tiny) if options.scaling else cases(setting, options.latency_only)
     results = run_all(runners, args, setting, measured)
     print(table(results))
-    # On a shared machine the rate moves by tens of percent within minutes: the floor takes the better of the
-    # rates measured before and after the model, so that a slow moment cannot inflate the share reached.
-    rate_after = matmul_rate(dtype, device)
-    rate = max(rate_before, rate_after)
-    print(f"matmul rate after the model: {rate_after:.1f} GFLOP/s; the floor uses the higher one, {rate:.1f}")
-    print("\n".join(floor_report(results[OursRunner.name], rate, precision)))
+    print("\n".join(floor_report(results[OursRunner.name], precision)))
 
 
 def bf16_instructions(device: torch.device) -> str:

@@ -30,17 +30,35 @@ def test_tiny_cpu_run_prints_a_table_of_every_measurement(capsys: pytest.Capture
         if HF:
             assert cells[-1].endswith("x") and float(cells[-1][:-1]) > 0
     (floor,) = [line for line in out.splitlines() if line.startswith("latency, one 256x320 image: ")]
-    gflop, rate, latency, share, outside = (float(value) for value in re.findall(
-        r"(\d+) GFLOP, floor [\d.]+ s at the fp32 matmul rate ([\d.]+) GFLOP/s; ours ([\d.]+) s = (\d+)% of the floor, "
-        r"([\d.]+) s outside matmuls", floor)[0])
-    assert gflop > 1 and rate > 0 and 0 < outside < latency
-    (before,) = re.findall(r"\nmatmul rate: ([\d.]+) GFLOP/s", out)
-    (after,) = re.findall(r"\nmatmul rate after the model: ([\d.]+) GFLOP/s; the floor uses the higher one", out)
-    assert rate == max(float(before), float(after))
-    # The share from the printed figures, within their rounding (GFLOP to units, seconds to 0.01, % to units).
-    lowest = 100 * (gflop - 0.5) / rate / (latency + 0.005) - 1
-    highest = 100 * (gflop + 0.5) / rate / (latency - 0.005) + 1
-    assert lowest <= share <= highest
+    gflop, calls, median, outside = re.fullmatch(
+        r"latency, one 256x320 image: (\d+) GFLOP; each call against the higher fp32 matmul rate measured just "
+        r"before and after it: (.*); median (\d+)% of the floor, ([\d.]+) s outside matmuls and convolutions",
+        floor).groups()
+    gflop, median, outside = float(gflop), float(median), float(outside)
+    calls = [tuple(map(float, call)) for call in re.findall(r"([\d.]+) s at ([\d.]+) GFLOP/s = (\d+)%", calls)]
+    assert len(calls) == benchmark.PRESETS["tiny"]["latency_calls"] and gflop > 1
+    assert 0 < outside < max(latency for latency, _, _ in calls)
+    for latency, rate, share in calls:
+        assert rate > 0
+        # The share from the printed figures, within their rounding (GFLOP to units, seconds to 0.01, % to units).
+        lowest = 100 * (gflop - 0.5) / rate / (latency + 0.005) - 1
+        highest = 100 * (gflop + 0.5) / (rate - 0.05) / max(latency - 0.005, 1e-9) + 1
+        assert lowest <= share <= highest
+    shares = sorted(share for _, _, share in calls)
+    assert shares[0] - 1 <= median <= shares[-1] + 1
+
+
+def test_each_timed_call_is_set_against_the_higher_rate_around_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    rates = iter([100.0, 150.0, 90.0, 120.0])
+    monkeypatch.setattr(benchmark, "matmul_rate", lambda dtype, device: next(rates))
+    durations = iter([0.02, 0.0, 0.01])
+    setting = benchmark.Setting(torch.device("cpu"), amp=False, image_size=(8, 8), latency_size=None, warmup=0,
+                                iters=1, latency_calls=3)
+    calls = benchmark.timed_calls(lambda: time.sleep(next(durations)), setting, with_rates=True)
+    assert [rate for _, rate in calls] == [150.0, 150.0, 120.0]
+    seconds = [call for call, _ in calls]
+    assert seconds[0] >= 0.02 and seconds[2] >= 0.01 and seconds[1] < seconds[2]
+    assert [rate for _, rate in benchmark.timed_calls(lambda: None, setting, with_rates=False)] == [0.0] * 3
 
 
 def test_scaling_measures_three_sizes_at_three_batch_sizes(capsys: pytest.CaptureFixture) -> None:
