@@ -211,6 +211,7 @@ DETA_CPU_CLONES void forward_tasks(const Problem<scalar_t>& p, scalar_t* __restr
   const Layout& layout = p.layout;
   const int64_t samples = s.levels * s.points;
   const int64_t location_bytes = samples * 2 * static_cast<int64_t>(sizeof(acc_t));
+  const int64_t last_group = s.batch * s.queries * s.heads - 1;
   Scratch<acc_t> geo(samples);
   std::vector<acc_t> acc(channels);
   const std::vector<scalar_t> zeros(channels, scalar_t(0));
@@ -223,7 +224,7 @@ DETA_CPU_CLONES void forward_tasks(const Problem<scalar_t>& p, scalar_t* __restr
     const int64_t q_begin = s.queries * chunk / chunks, q_end = s.queries * (chunk + 1) / chunks;
     for (int64_t q = q_begin; q < q_end; ++q) {
       const int64_t group = (b * s.queries + q) * s.heads + h;
-      const int64_t ahead = group + kPrefetchQueries * s.heads;  // prefetching past the end is harmless
+      const int64_t ahead = std::min(group + kPrefetchQueries * s.heads, last_group);
       for (int64_t byte = 0; byte < location_bytes; byte += 64) {
         __builtin_prefetch(reinterpret_cast<const char*>(p.locations + ahead * samples * 2) + byte);
       }
