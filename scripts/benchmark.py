@@ -373,8 +373,8 @@ def run_case(runner: Runner, case: Case, setting: Setting) -> Result:
     if case.latency:
         with_floor = getattr(runner, "measures_floor", False)
         _reset_peak_memory(setting.device)
-        with FlopCounterMode(display=False, custom_mapping=FUSED_FLOPS) if with_floor else contextlib.nullcontext() \
-                as flops:
+        flops = FlopCounterMode(display=False, custom_mapping=FUSED_FLOPS) if with_floor else contextlib.nullcontext()
+        with flops:
             step()  # the untimed call
         calls = timed_calls(step, setting, with_rates=with_floor)
         seconds, peak = statistics.median(call for call, _ in calls), _peak_memory_mib(setting.device)

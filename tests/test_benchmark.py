@@ -102,6 +102,14 @@ def test_cuda_without_a_device_is_an_input_error(capsys: pytest.CaptureFixture) 
     assert capsys.readouterr().err.startswith("error: --device cuda: no CUDA device")
 
 
+@pytest.mark.parametrize("flag", ["--latency_calls", "--iters"])
+def test_no_timed_calls_is_an_input_error(flag: str, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        benchmark.main(["--tiny", "--device", "cpu", flag, "0"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == f"error: {flag} must be at least 1, got 0\n"
+
+
 def test_missing_transformers_is_reported_not_fatal(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(importlib.metadata, "version", lambda name: "4.40.0")
     assert benchmark.hf_available() == "transformers 4.40.0 is installed, not 4.57.x"
