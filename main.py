@@ -22,7 +22,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from datasets import DetectionLoader, build_dataset, resolve_num_classes
 from datasets.coco import category_names
-from deta import build_model
+from deta import build_model, optimize_for_inference
 from deta.checkpoint import class_head_size, load_checkpoint, load_model_weights
 from deta.errors import InputError
 from engine import NonFiniteLossError, evaluate, train_one_epoch
@@ -256,7 +256,9 @@ def _run(args: argparse.Namespace, last: LastCheckpoint) -> None:
         # Evaluating leaves the random generators as it found them: training then does not depend on the
         # validation set, and a resumed run continues exactly whether or not it evaluates first.
         state = rng_state(device)
-        stats = evaluate(model, postprocessors, loader_val, dataset_val.coco, device, amp=args.amp,
+        # On the CPU, a faster copy made from the current weights (deta.optimize_for_inference).
+        eval_model = optimize_for_inference(model) if device.type == "cpu" else model
+        stats = evaluate(eval_model, postprocessors, loader_val, dataset_val.coco, device, amp=args.amp,
                          print_freq=args.print_freq, output_dir=output_dir)
         set_rng_state(state, device)
         return stats

@@ -7,6 +7,7 @@ from torch import nn
 from .backbone import Joiner, ResNetBackbone, load_pretrained_backbone
 from .criterion import build_criterion
 from .detector import DETA
+from .optimize import optimize_for_inference
 from .position_encoding import PositionEmbeddingSine
 from .postprocess import NMSPostProcess, PostProcess
 from .swin import SwinBackbone, is_swin
@@ -58,4 +59,4 @@ def __getattr__(name: str) -> object:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["DETA", "Detector", "build_model"]
+__all__ = ["DETA", "Detector", "build_model", "optimize_for_inference"]

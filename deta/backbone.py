@@ -7,7 +7,6 @@ from torch import Tensor, nn
 from torchvision.models._utils import IntermediateLayerGetter
 
 from .errors import InputError
-from .folded_resnet import FoldedResNet, weights_version
 
 RESNET_WEIGHTS = {
     "resnet18": "ResNet18_Weights",
@@ -75,26 +74,9 @@ class ResNetBackbone(nn.Module):
         if dilation:
             self.strides[-1] //= 2
         self.body = IntermediateLayerGetter(resnet, return_layers=return_layers)
-        self._folded: tuple[tuple, FoldedResNet] | None = None
 
     def forward(self, images: Tensor) -> list[Tensor]:
-        if images.device.type == "cpu":
-            # oneDNN's CPU convolutions work on channels-last (NHWC) data; given NCHW, each one reorders
-            # its input and output. The feature maps come out channels-last, which also makes their
-            # flattening into tokens a view.
-            images = images.contiguous(memory_format=torch.channels_last)
-        # Traced graphs (torch.compile, export) take the plain modules: the fused oneDNN convolution and the
-        # check of the weights' version are eager-only.
-        body = self.body if torch.is_grad_enabled() or torch.compiler.is_compiling() else self._folded_body()
-        return list(body(images).values())
-
-    def _folded_body(self) -> FoldedResNet:
-        """The body with its BatchNorms folded (deta.folded_resnet), refolded after any change of its weights."""
-        version = weights_version(self.body)
-        if self._folded is None or self._folded[0] != version:
-            with torch.no_grad():
-                self._folded = (version, FoldedResNet(self.body))
-        return self._folded[1]
+        return list(self.body(images).values())
 
 
 def _block_out_channels(block: nn.Module) -> int:

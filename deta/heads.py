@@ -5,8 +5,6 @@ import math
 
 from torch import Tensor, nn
 
-from ops.linear import linear
-
 
 class MLP(nn.Module):
     """Linear layers with ReLU between them."""
@@ -15,11 +13,12 @@ class MLP(nn.Module):
         super().__init__()
         dims = [input_dim] + [hidden_dim] * (num_layers - 1) + [output_dim]
         self.layers = nn.ModuleList(nn.Linear(n, k) for n, k in itertools.pairwise(dims))
+        self.activation = nn.ReLU()
 
     def forward(self, x: Tensor) -> Tensor:
         for layer in self.layers[:-1]:
-            x = linear(x, layer.weight, layer.bias, relu=True)
-        return linear(x, self.layers[-1].weight, self.layers[-1].bias)
+            x = self.activation(layer(x))
+        return self.layers[-1](x)
 
 
 def build_heads(hidden_dim: int, num_classes: int, num_heads: int, shared: bool) -> tuple[nn.ModuleList, nn.ModuleList]:

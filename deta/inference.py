@@ -26,6 +26,7 @@ from . import COCO_NUM_CLASSES, build_model
 from .checkpoint import class_head_size, load_checkpoint, load_model_weights
 from .coco_categories import COCO_CATEGORY_NAMES
 from .errors import InputError
+from .optimize import optimize_for_inference
 
 ImageInput = str | os.PathLike | Image.Image | Tensor
 Detections = dict[str, Any]
@@ -39,8 +40,10 @@ class Detector:
     """
 
     def __init__(self, model: nn.Module, postprocess: nn.Module, args: argparse.Namespace,
-                 class_names: dict[int, str]) -> None:
-        self.model = model.eval()
+                 class_names: dict[int, str], optimize: bool = True) -> None:
+        # The faster copy of deta.optimize_for_inference by default; optimize=False keeps `model` itself (to
+        # hook or modify its modules).
+        self.model = optimize_for_inference(model) if optimize else model.eval()
         self.postprocess = postprocess
         self.args = args
         self.class_names = class_names
@@ -49,7 +52,7 @@ class Detector:
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, device: str | torch.device | None = None, *,
-                        names_json: str | os.PathLike | None = None, **flags: Any) -> Detector:
+                        names_json: str | os.PathLike | None = None, optimize: bool = True, **flags: Any) -> Detector:
         """Load any checkpoint that `main.py --resume` reads: ours, official DETA, detrex or an HF model folder.
 
         The model is the one of the arguments saved in the checkpoint. Keyword arguments are main.py flags by
@@ -58,7 +61,7 @@ class Detector:
         num_feature_levels=5, ...`). `device` ("cpu", "cuda", "cuda:1", ...) defaults to CUDA when
         available. Class names come from
         `names_json` (a COCO-format annotation file), else from the checkpoint (main.py saves the training
-        set's), else COCO's for 91-class models.
+        set's), else COCO's for 91-class models. `optimize`: see `Detector`.
         """
         from main import model_args  # main.py holds the flags, and itself imports deta
         from training.args_check import validate_args
@@ -83,7 +86,8 @@ class Detector:
         model_device = next(model.parameters()).device
         if args.amp and model_device.type == "cuda" and not torch.cuda.is_bf16_supported():
             raise InputError(f"amp: {model_device} has no bf16 support; drop amp=True")
-        return cls(model, postprocessors["bbox"], args, class_names(checkpoint, names_json, args.num_classes))
+        return cls(model, postprocessors["bbox"], args, class_names(checkpoint, names_json, args.num_classes),
+                   optimize)
 
     def preprocess(self, image: ImageInput) -> tuple[Tensor, tuple[int, int]]:
         """An image as the model reads it: the normalised, resized 3×h×w float tensor, and the (H, W) of the

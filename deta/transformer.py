@@ -5,14 +5,11 @@ import torch
 from torch import Tensor, nn
 
 from ops import MSDeformAttn
-from ops.linear import linear
 
 from .box_ops import inverse_sigmoid
 from .position_encoding import proposal_position_embedding
 from .proposals import grid_proposals, select_proposals
-
-# Tokens per slice of the encoder's feed-forward block on CPU: a 16 MB fp32 hidden layer at d_ffn 2048.
-FFN_SLICE_TOKENS = 2048
+from .self_attention import QuerySelfAttention
 
 
 class EncoderLayer(nn.Module):
@@ -24,6 +21,7 @@ class EncoderLayer(nn.Module):
         self.dropout1 = nn.Dropout(dropout)
         self.norm1 = nn.LayerNorm(d_model)
         self.linear1 = nn.Linear(d_model, d_ffn)
+        self.activation = nn.ReLU()
         self.dropout2 = nn.Dropout(dropout)
         self.linear2 = nn.Linear(d_ffn, d_model)
         self.dropout3 = nn.Dropout(dropout)
@@ -32,20 +30,11 @@ class EncoderLayer(nn.Module):
     def forward(self, src: Tensor, pos: Tensor, reference_points: Tensor, spatial_shapes: Tensor,
                 level_start_index: Tensor, padding_mask: Tensor | None) -> Tensor:
         attended = self.self_attn(src + pos, reference_points, src, spatial_shapes, level_start_index, padding_mask)
-        src = self.norm1(src + self.dropout1(attended))
-        if src.device.type == "cpu" and not torch.compiler.is_compiling():
-            # Token by token independent, so run in slices: on CPU, fresh memory for the whole
-            # (tokens, d_ffn) hidden layer (180 MB at 800x1333) costs more in page faults than its matmuls.
-            # Eager only: a traced graph (torch.compile, export) would fix the number of slices.
-            # Slices of the (batch·tokens, C) rows stay contiguous; slices along the token axis of a batch
-            # of several images would not, and linear layers would copy them through a batched matmul.
-            rows = src.flatten(0, 1)
-            return torch.cat([self._feed_forward(part) for part in rows.split(FFN_SLICE_TOKENS)]).view_as(src)
-        return self._feed_forward(src)
+        return self.feed_forward(self.norm1(src + self.dropout1(attended)))
 
-    def _feed_forward(self, src: Tensor) -> Tensor:
-        hidden = self.dropout2(linear(src, self.linear1.weight, self.linear1.bias, relu=True))
-        return self.norm2(src + self.dropout3(linear(hidden, self.linear2.weight, self.linear2.bias)))
+    def feed_forward(self, src: Tensor) -> Tensor:
+        hidden = self.dropout2(self.activation(self.linear1(src)))
+        return self.norm2(src + self.dropout3(self.linear2(hidden)))
 
 
 class DecoderLayer(nn.Module):
@@ -56,10 +45,11 @@ class DecoderLayer(nn.Module):
         self.cross_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points)
         self.dropout1 = nn.Dropout(dropout)
         self.norm1 = nn.LayerNorm(d_model)
-        self.self_attn = nn.MultiheadAttention(d_model, n_heads, dropout=dropout)
+        self.self_attn = QuerySelfAttention(d_model, n_heads, dropout)
         self.dropout2 = nn.Dropout(dropout)
         self.norm2 = nn.LayerNorm(d_model)
         self.linear1 = nn.Linear(d_model, d_ffn)
+        self.activation = nn.ReLU()
         self.dropout3 = nn.Dropout(dropout)
         self.linear2 = nn.Linear(d_ffn, d_model)
         self.dropout4 = nn.Dropout(dropout)
@@ -67,17 +57,12 @@ class DecoderLayer(nn.Module):
 
     def forward(self, tgt: Tensor, query_pos: Tensor, reference_points: Tensor, memory: Tensor,
                 spatial_shapes: Tensor, level_start_index: Tensor, padding_mask: Tensor | None) -> Tensor:
-        # Sequence-first and contiguous: given batch-first input, MultiheadAttention transposes it, and its
-        # projections of the strided result then run as a batched matmul over copies of the weights.
-        query_key = (tgt + query_pos).transpose(0, 1).contiguous()
-        attended = self.self_attn(query_key, query_key, tgt.transpose(0, 1).contiguous(),
-                                  need_weights=False)[0].transpose(0, 1)
-        tgt = self.norm2(tgt + self.dropout2(attended))
+        tgt = self.norm2(tgt + self.dropout2(self.self_attn(tgt + query_pos, tgt)))
         attended = self.cross_attn(tgt + query_pos, reference_points, memory, spatial_shapes, level_start_index,
                                    padding_mask)
         tgt = self.norm1(tgt + self.dropout1(attended))
-        hidden = self.dropout3(linear(tgt, self.linear1.weight, self.linear1.bias, relu=True))
-        return self.norm3(tgt + self.dropout4(linear(hidden, self.linear2.weight, self.linear2.bias)))
+        hidden = self.dropout3(self.activation(self.linear1(tgt)))
+        return self.norm3(tgt + self.dropout4(self.linear2(hidden)))
 
 
 def encoder_reference_points(level_shapes: list[tuple[int, int]], valid_ratios: Tensor) -> Tensor:
@@ -224,7 +209,7 @@ class DeformableTransformer(nn.Module):
         if self.two_stage:
             proposals, proposal_valid, level_ids = grid_proposals(mask_flat, level_shapes)
             valid_memory = memory.masked_fill(~proposal_valid, 0.0)
-            output_memory = self.enc_output_norm(linear(valid_memory, self.enc_output.weight, self.enc_output.bias))
+            output_memory = self.enc_output_norm(self.enc_output(valid_memory))
             enc_layer = len(self.decoder.layers)
             enc_logits = class_heads[enc_layer](output_memory)
             enc_coords = box_heads[enc_layer](output_memory) + proposals

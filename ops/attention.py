@@ -6,7 +6,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .dispatch import ms_deform_attn
-from .linear import linear
 
 
 class MSDeformAttn(nn.Module):
@@ -70,35 +69,28 @@ class MSDeformAttn(nn.Module):
         """
         batch, queries, _ = query.shape
         tokens = input_flatten.shape[1]
-        value = linear(input_flatten, self.value_proj.weight, self.value_proj.bias)
+        value = self.value_proj(input_flatten)
         if padding_mask is not None:
-            # In place: a linear layer keeps its input, not its output, for the backward pass.
-            value = value.masked_fill_(padding_mask[..., None], 0.0)
+            value = value.masked_fill(padding_mask[..., None], 0.0)
         value = value.view(batch, tokens, self.n_heads, self.d_model // self.n_heads)
-        sample_shape = (batch, queries, self.n_heads, self.n_levels, self.n_points, 2)
-        if reference_points.shape[-1] == 2:
-            # Offsets are in pixels of each level. Their projection's rows divided by the level sizes (W for x,
-            # H for y) give them normalised straight away, which saves a pass over the module's largest tensor
-            # (the encoder's locations, 28 MB per 800x1333 image). The references are added in place, in their
-            # precision (fp32 under autocast), laid out along each head's levels x points x 2 values:
-            # broadcasting over a last dimension of 2 runs element by element.
-            sizes = spatial_shapes.flip(-1).to(self.sampling_offsets.weight.dtype)
-            sizes = sizes[None, :, None, :].expand(self.n_heads, -1, self.n_points, -1).reshape(-1)
-            locations = linear(query, self.sampling_offsets.weight / sizes[:, None], self.sampling_offsets.bias / sizes)
-            locations = locations.to(torch.promote_types(locations.dtype, reference_points.dtype))
-            references = reference_points.repeat(1, 1, 1, self.n_points).view(batch, queries, 1, -1)
-            locations = locations.view(batch, queries, self.n_heads, -1).add_(references).view(sample_shape)
-        elif reference_points.shape[-1] == 4:
-            # Offsets are in units of half the reference box, spread over the points.
-            offsets = linear(query, self.sampling_offsets.weight, self.sampling_offsets.bias).view(sample_shape)
-            locations = (reference_points[:, :, None, :, None, :2]
-                         + offsets / self.n_points * reference_points[:, :, None, :, None, 2:] * 0.5)
-        else:
-            raise ValueError(f"reference_points must end in 2 or 4 coordinates, got {reference_points.shape[-1]}")
+        locations = self.sampling_locations(query, reference_points, spatial_shapes)
         # In the locations' precision, which the kernels read both in (fp32 under autocast, where a bf16
         # softmax would also be slower).
-        weights = linear(query, self.attention_weights.weight, self.attention_weights.bias)
-        weights = weights.view(batch, queries, self.n_heads, self.n_levels * self.n_points)
-        weights = F.softmax(weights, -1, dtype=locations.dtype).view(sample_shape[:-1])
+        weights = self.attention_weights(query).view(batch, queries, self.n_heads, self.n_levels * self.n_points)
+        weights = F.softmax(weights, -1, dtype=locations.dtype).view(locations.shape[:-1])
         output = ms_deform_attn(value, spatial_shapes, level_start_index, locations, weights)
-        return linear(output, self.output_proj.weight, self.output_proj.bias)
+        return self.output_proj(output)
+
+    def sampling_locations(self, query: Tensor, reference_points: Tensor, spatial_shapes: Tensor) -> Tensor:
+        """(B, Q, heads, levels, points, 2) normalised (x, y): the references moved by the predicted offsets."""
+        batch, queries, _ = query.shape
+        offsets = self.sampling_offsets(query).view(batch, queries, self.n_heads, self.n_levels, self.n_points, 2)
+        if reference_points.shape[-1] == 2:
+            # Offsets are in pixels of each level.
+            sizes = spatial_shapes.flip(-1).to(reference_points.dtype)
+            return reference_points[:, :, None, :, None, :] + offsets / sizes[None, None, None, :, None, :]
+        if reference_points.shape[-1] == 4:
+            # Offsets are in units of half the reference box, spread over the points.
+            return (reference_points[:, :, None, :, None, :2]
+                    + offsets / self.n_points * reference_points[:, :, None, :, None, 2:] * 0.5)
+        raise ValueError(f"reference_points must end in 2 or 4 coordinates, got {reference_points.shape[-1]}")

@@ -212,12 +212,14 @@ class OursRunner:
         self.model, self.criterion, _ = deta.build_model(args)
         self.optimizer = build_optimizer(self.model, args)
         self.args, self.setting = args, setting
+        # Inference as Detector, predict.py and main.py's CPU evaluation run it; the speed does not depend on
+        # the weights, so training steps in between need no new copy.
+        self.inference_model = deta.optimize_for_inference(self.model)
 
     @torch.no_grad()
     def infer(self, images: Tensor) -> None:
-        self.model.eval()
         with _autocast(self.setting):
-            self.model(list(images))
+            self.inference_model(list(images))
 
     def train_step(self, images: Tensor, targets: list[dict[str, Tensor]]) -> None:
         # One-batch epochs of main.py's own loop: loss, NaN guard, clipping and optimizer step included.
@@ -395,7 +397,7 @@ def _fused_conv_flops(x_shape: list[int], *args, out_shape: list[int], **kwargs)
     return conv_flop_count(x_shape, weight_shape, out_shape)
 
 
-# FLOPs of oneDNN's fused inference ops (ops.linear, deta.folded_resnet), which FlopCounterMode does not know.
+# FLOPs of oneDNN's fused inference ops (deta.optimize_for_inference), which FlopCounterMode does not know.
 FUSED_FLOPS = {torch.ops.mkldnn._linear_pointwise: _fused_linear_flops,
                torch.ops.mkldnn._convolution_pointwise: _fused_conv_flops}
 MATMUL_OPS = frozenset((torch.ops.aten.addmm, torch.ops.aten.mm, torch.ops.aten.bmm, torch.ops.aten.baddbmm,
@@ -428,9 +430,30 @@ def seconds_outside_matmuls(step: Callable[[], object]) -> float:
 
 
 def matmul_rate(dtype: torch.dtype, device: torch.device, min_call_s: float = 0.05, repeats: int = 3) -> float:
-    """This machine's matmul rate in GFLOP/s: square torch.mm products in `dtype`, grown (from 256 to 2048 a side)
-    until one takes `min_call_s`, the best of `repeats` at that size. A CPU without bf16 instructions is slow
-    in bf16 at every size, so small sizes keep the measurement short there."""
+    """This machine's matmul rate in GFLOP/s: the best of `matmul_rates`' backends."""
+    return max(matmul_rates(dtype, device, min_call_s, repeats).values())
+
+
+def matmul_rates(dtype: torch.dtype, device: torch.device, min_call_s: float = 0.05,
+                 repeats: int = 3) -> dict[str, float]:
+    """GFLOP/s of each matmul backend torch can use here, on square products in `dtype`: on the CPU, torch.mm
+    (MKL in fp32) and oneDNN's linear (the one deta.optimize_for_inference calls), which differ by 2x on some
+    CPUs (AMD Zen 5 in fp32); on CUDA, torch.mm (cuBLAS)."""
+    backends = {"torch.mm": torch.mm}
+    if device.type == "cpu" and _ONEDNN_LINEAR is not None:
+        backends["oneDNN linear"] = lambda a, b: _ONEDNN_LINEAR(a, b, None, "none", [], "")
+    return {name: _square_rate(product, dtype, device, min_call_s, repeats) for name, product in backends.items()}
+
+
+_ONEDNN_LINEAR = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() \
+    else None
+
+
+def _square_rate(product: Callable[[Tensor, Tensor], Tensor], dtype: torch.dtype, device: torch.device,
+                 min_call_s: float, repeats: int) -> float:
+    """GFLOP/s of `product` on square matrices grown (from 256 to 2048 a side) until one call takes `min_call_s`,
+    the best of `repeats` at that size. A CPU without bf16 instructions is slow in bf16 at every size, so small
+    sizes keep the measurement short there."""
     size = 256
     while True:
         a, b = (torch.randn(size, size, device=device).to(dtype) for _ in range(2))
@@ -438,7 +461,7 @@ def matmul_rate(dtype: torch.dtype, device: torch.device, min_call_s: float = 0.
         for _ in range(repeats):
             _synchronize(device)
             start = time.perf_counter()
-            torch.mm(a, b)
+            product(a, b)
             _synchronize(device)
             best = min(best, time.perf_counter() - start)
         if best >= min_call_s or size >= 2048:
@@ -584,8 +607,10 @@ def run(options: argparse.Namespace, overrides: list[str]) -> None:
           + (f"; HF DETA not measured: {why_not_hf}" if why_not_hf else ""), flush=True)
     precision = "bf16" if options.amp else "fp32"
     dtype = torch.bfloat16 if options.amp else torch.float32
-    print(f"matmul rate: {matmul_rate(dtype, device):.1f} GFLOP/s in {precision}; {bf16_instructions(device)}",
-          flush=True)
+    rates = matmul_rates(dtype, device)
+    each = ", ".join(f"{name} {rate:.1f}" for name, rate in rates.items())
+    print(f"matmul rate: {max(rates.values()):.1f} GFLOP/s in {precision}, the best backend ({each}); "
+          f"{bf16_instructions(device)}", flush=True)
     measured = scaling_cases(setting, options.tiny) if options.scaling else cases(setting, options.latency_only)
     results = run_all(runners, args, setting, measured)
     print(table(results))

@@ -128,3 +128,23 @@ def test_onnx_runtime_latency_next_to_ours_in_fp32_and_bf16(tiny_onnx, monkeypat
     assert cells[0] == "latency, one 256x320 image"
     assert all(cell.endswith(" s") and float(cell.split()[0]) > 0 for cell in cells[1:4]), row
     assert cells[-1].endswith("x") and float(cells[-1][:-1]) > 0  # ours over ONNX Runtime
+
+
+def test_the_floor_is_the_best_backend_and_each_is_measured(monkeypatch: pytest.MonkeyPatch) -> None:
+    if benchmark._ONEDNN_LINEAR is None:
+        pytest.skip("this torch build has no oneDNN linear")
+    products = []
+    reported = iter([200.0, 455.0])
+
+    def fake_rate(product, dtype, device, min_call_s, repeats):
+        a, b = torch.randn(4, 4), torch.randn(4, 4)
+        products.append((product(a, b), a, b))
+        return next(reported)
+
+    monkeypatch.setattr(benchmark, "_square_rate", fake_rate)
+    assert benchmark.matmul_rates(torch.float32, torch.device("cpu")) == {"torch.mm": 200.0, "oneDNN linear": 455.0}
+    (mm, a, b), (onednn, c, d) = products
+    torch.testing.assert_close(mm, a @ b)
+    torch.testing.assert_close(onednn, c @ d.T)  # a linear layer's product: the same FLOPs
+    monkeypatch.setattr(benchmark, "matmul_rates", lambda *args: {"torch.mm": 200.0, "oneDNN linear": 455.0})
+    assert benchmark.matmul_rate(torch.float32, torch.device("cpu")) == 455.0

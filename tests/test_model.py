@@ -120,18 +120,23 @@ def test_gradients_reach_all_trainable_parameters():
 
 
 def test_encoder_feed_forward_in_token_slices_equals_one_pass(monkeypatch: pytest.MonkeyPatch):
-    from deta import transformer
+    from deta import optimize, transformer
 
     torch.manual_seed(0)
     layer = transformer.EncoderLayer(32, 64, 0.0, n_levels=1, n_heads=2, n_points=2).eval()
     src, pos = torch.randn(2, 50, 32), torch.randn(2, 50, 32)
     shapes, start = torch.tensor([[5, 10]]), torch.tensor([0])
     reference_points, padding = torch.rand(2, 50, 1, 2), torch.zeros(2, 50, dtype=torch.bool)
+    sliced_layer = optimize.optimize_for_inference(layer)
+    assert isinstance(sliced_layer, optimize.SlicedEncoderLayer)
+    slices = []
+    sliced_layer.linear2.register_forward_hook(lambda module, inputs, output: slices.append(len(output)))
+    monkeypatch.setattr(optimize, "FFN_SLICE_TOKENS", 16)
     with torch.no_grad():
         whole = layer(src, pos, reference_points, shapes, start, padding)
-        monkeypatch.setattr(transformer, "FFN_SLICE_TOKENS", 16)  # 4 slices, the last one shorter
-        sliced = layer(src, pos, reference_points, shapes, start, padding)
-    torch.testing.assert_close(sliced, whole)
+        sliced = sliced_layer(src, pos, reference_points, shapes, start, padding)
+    assert slices == [16] * 6 + [4]  # 100 rows of the (batch·tokens, C) view, the last slice shorter
+    torch.testing.assert_close(sliced, whole, rtol=1e-5, atol=1e-5)
 
 
 def test_a_batch_tensor_is_the_list_of_its_images():
