@@ -4,9 +4,10 @@ import argparse
 import pytest
 from test_main import TINY
 
+from deta.config import architecture_differences
 from deta.errors import InputError
 from main import get_args_parser
-from training.args_check import architecture_differences, validate_args
+from training.args_check import validate_args
 
 
 def _args(*flags: str) -> argparse.Namespace:

@@ -10,11 +10,11 @@ from test_main import TINY
 from torchvision.transforms.v2 import functional as F
 
 import deta
-from datasets.images import EXIF_ORIENTATION_TAG, read_rgb
 from datasets.synthetic import CATEGORIES, generate
 from deta.checkpoint import from_ours, save_hf_folder, to_official
 from deta.errors import InputError
 from deta.formats.hf import config_json
+from deta.images import EXIF_ORIENTATION_TAG, read_rgb
 from main import get_args_parser
 from scripts import predict
 from training.coco_eval import coco_detections
