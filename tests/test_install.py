@@ -42,6 +42,11 @@ def _check(venv_python: Path, checkpoint: Path, cwd: Path) -> dict:
     return json.loads(result.stdout.splitlines()[-1])
 
 
+def _is_hf_datasets(folder: Path) -> bool:
+    """HuggingFace's package whole, none of ours written over or beside it."""
+    return (folder / "arrow_dataset.py").is_file() and not (folder / "coco.py").exists()
+
+
 @pytest.mark.slow
 def test_install_and_editable_install_add_deta_and_ops_alone(tiny_checkpoint: Path, tmp_path: Path) -> None:
     wheels = sorted(WHEELS.glob("datasets-*.whl"))
@@ -66,11 +71,12 @@ def test_install_and_editable_install_add_deta_and_ops_alone(tiny_checkpoint: Pa
     assert (site / "deta" / "formats" / "hf.py").is_file()
     found = _check(python, tiny_checkpoint, elsewhere)
     assert found["deta"] == str(site / "deta" / "__init__.py") and found["num_classes"] == 6
-    assert found["spec"]["datasets"] == str(site / "datasets" / "__init__.py")  # HuggingFace's
+    assert found["spec"]["datasets"] == str(site / "datasets" / "__init__.py")
+    assert _is_hf_datasets(site / "datasets")
     assert all(found["spec"][name] is None for name in TRAINING_CODE)
 
     _pip(python, "uninstall", "-y", "deta-nms", cwd=tmp_path)
-    assert (site / "datasets" / "__init__.py").is_file() and not (site / "deta").exists()
+    assert _is_hf_datasets(site / "datasets") and not (site / "deta").exists()
     _pip(python, "install", "--no-index", "--no-deps", "--no-build-isolation", "-e", str(source), cwd=tmp_path)
     found = _check(python, tiny_checkpoint, elsewhere)
     assert found["deta"] == str(source / "deta" / "__init__.py") and found["num_classes"] == 6
