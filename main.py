@@ -139,8 +139,6 @@ def main(args: argparse.Namespace, given: Collection[str] | None = None) -> None
 
 def _run(args: argparse.Namespace, given: Collection[str] | None, last: LastCheckpoint) -> None:
     validate_args(args)
-    checkpoint = load_checkpoint(args.resume or args.finetune) if args.resume or args.finetune else None
-    from_checkpoint = _take_from_checkpoint(args, given, checkpoint) if args.resume and given is not None else {}
     device = init_distributed(args.device)
     if device.type == "cpu":
         keep_freed_memory()
@@ -154,6 +152,8 @@ def _run(args: argparse.Namespace, given: Collection[str] | None, last: LastChec
                     "here (100x on an AVX2 machine); drop --amp")
     output_dir = last.output_dir = _prepare_output_dir(args)
     seed_everything(args.seed + rank)
+    checkpoint = load_checkpoint(args.resume or args.finetune) if args.resume or args.finetune else None
+    from_checkpoint = _take_from_checkpoint(args, given, checkpoint) if args.resume and given is not None else {}
     if from_checkpoint:
         log.info("--resume: from the checkpoint's saved arguments, as the command line does not give them: "
                  + ", ".join(f"--{name}" if value is True else f"--{name} {value}"
