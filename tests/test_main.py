@@ -540,7 +540,7 @@ def test_a_data_error_of_the_loader_is_this_process_s_own(num_workers: int) -> N
 def test_under_torchrun_one_process_says_an_error_all_meet(monkeypatch: pytest.MonkeyPatch,
                                                            capsys: pytest.CaptureFixture, rank: str, local: bool,
                                                            said: bool) -> None:
-    def run(args: argparse.Namespace, last: object) -> None:
+    def run(args: argparse.Namespace, given: object, last: object) -> None:
         raise InputError("x.png: bad", local=local)
 
     monkeypatch.setenv("RANK", rank)
