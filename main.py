@@ -8,10 +8,10 @@ import argparse
 import contextlib
 import datetime
 import logging
-import math
 import os
 import sys
 import time
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +24,10 @@ from datasets import DetectionLoader, build_dataset, resolve_num_classes
 from datasets.coco import category_names
 from deta import build_model, optimize_for_inference
 from deta.checkpoint import class_head_size, load_checkpoint, load_model_weights
-from deta.errors import InputError
+from deta.config import add_model_args, architecture_differences, given_args, saved_args, take_saved
+from deta.errors import InputError, command_line_message
 from engine import NonFiniteLossError, evaluate, train_one_epoch
-from training.args_check import architecture_differences, validate_args
+from training.args_check import validate_args, validate_model_args
 from training.checkpointing import remove_stale_temporaries, rng_state, save_checkpoint, seed_everything, set_rng_state
 from training.cpu_memory import keep_freed_memory
 from training.distributed import (
@@ -44,19 +45,16 @@ from training.run_log import LOG_NAME, log_epoch, logged_epochs
 
 log = logging.getLogger("main")
 
-BATCHING = ("padded", "per_image")
-# Saved arguments that say how a model ran, not what it is: a checkpoint's model evaluates per image
-# (batch-independent) unless the caller asks otherwise.
-_RUN_ONLY_ARGS = ("device", "eval_batching", "official_batching")
+DATA_PATHS = ("coco_path", "train_json", "train_images", "val_json", "val_images")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
+    """main.py's flags: the training loop's, the model's (deta.config), the data's and the run's."""
     parser = argparse.ArgumentParser("DETA training and evaluation", add_help=False)
 
     opt = parser.add_argument_group("optimisation")
     opt.add_argument("--lr", default=2e-4, type=float)
     opt.add_argument("--lr_backbone_names", default=["backbone.0"], type=str, nargs="+")
-    opt.add_argument("--lr_backbone", default=2e-5, type=float)
     opt.add_argument("--lr_linear_proj_names", default=["reference_points", "sampling_offsets"],
                      type=str, nargs="+")
     opt.add_argument("--lr_linear_proj_mult", default=0.1, type=float)
@@ -66,63 +64,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     opt.add_argument("--lr_drop", default=40, type=int, help="epochs between 10x learning-rate drops")
     opt.add_argument("--clip_max_norm", default=0.1, type=float, help="gradient clipping max norm (0: off)")
     opt.add_argument("--sgd", action="store_true", help="SGD with momentum 0.9 instead of AdamW")
-    opt.add_argument("--amp", action="store_true", help="bf16 autocast where the device supports it")
 
-    model = parser.add_argument_group("model")
-    model.add_argument("--with_box_refine", action="store_true")
-    model.add_argument("--two_stage", action="store_true")
-    model.add_argument("--backbone", default="resnet50", type=str,
-                       help="resnet18, resnet34, resnet50, resnet101 (torchvision) or swin_large (timm; the "
-                            "official spelling 'swin' also works)")
-    model.add_argument("--pretrained_backbone", default="default", type=str,
-                       help="'default': torchvision's ImageNet weights from its cache, 'none': random "
-                            "initialisation, or the path of a backbone state dict")
-    model.add_argument("--dilation", action="store_true",
-                       help="replace the stride of the last ResNet stage with dilation (DC5)")
-    model.add_argument("--position_embedding", default="sine", choices=("sine",))
-    model.add_argument("--position_embedding_scale", default=2 * math.pi, type=float,
-                       help="position / size * scale")
-    model.add_argument("--num_feature_levels", default=4, type=int)
-    model.add_argument("--enc_layers", default=6, type=int)
-    model.add_argument("--dec_layers", default=6, type=int)
-    model.add_argument("--dim_feedforward", default=1024, type=int)
-    model.add_argument("--hidden_dim", default=256, type=int)
-    model.add_argument("--dropout", default=0.1, type=float)
-    model.add_argument("--nheads", default=8, type=int)
-    model.add_argument("--num_queries", default=300, type=int)
-    model.add_argument("--dec_n_points", default=4, type=int)
-    model.add_argument("--enc_n_points", default=4, type=int)
-    model.add_argument("--num_classes", default=None, type=int,
-                       help="size of the class head; default: largest category id + 1 of the training "
-                            "annotations when training, else 91 (COCO category ids)")
-
-    model.add_argument("--train_batching", default="padded", choices=BATCHING,
-                       help="padded: the batch is padded before the backbone and padding may become proposals, "
-                            "the official computation that DETA's published models were trained with; per_image: "
-                            "each image independent of its batch (ours, not measured on COCO)")
-    model.add_argument("--eval_batching", default="per_image", choices=BATCHING,
-                       help="per_image: detections independent of the batch size, whatever the training mode; "
-                            "padded: the official code's padded evaluation (results depend on the batch)")
-    model.add_argument("--official_batching", action="store_true",
-                       help="padded batches in training and evaluation, as the official code runs")
-
-    model.add_argument("--num_detections", default=100, type=int,
-                       help="detections kept per image at inference (300 reproduces detrex's non-NMS baseline)")
-
-    loss = parser.add_argument_group("assignment and loss")
-    loss.add_argument("--no_aux_loss", dest="aux_loss", action="store_false",
-                      help="disable the per-decoder-layer and encoder losses")
-    loss.add_argument("--assign_first_stage", action="store_true",
-                      help="IoU (RPN-style) assignment for the encoder proposals instead of Hungarian")
-    loss.add_argument("--assign_second_stage", action="store_true",
-                      help="IoU one-to-many assignment for the decoder, and NMS post-processing")
-    loss.add_argument("--set_cost_class", default=2, type=float)
-    loss.add_argument("--set_cost_bbox", default=5, type=float)
-    loss.add_argument("--set_cost_giou", default=2, type=float)
-    loss.add_argument("--cls_loss_coef", default=2, type=float)
-    loss.add_argument("--bbox_loss_coef", default=5, type=float)
-    loss.add_argument("--giou_loss_coef", default=2, type=float)
-    loss.add_argument("--focal_alpha", default=0.25, type=float)
+    add_model_args(parser)
 
     data = parser.add_argument_group("data")
     data.add_argument("--dataset_file", default="coco", choices=("coco",))
@@ -134,10 +77,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     data.add_argument("--val_images", default=None, type=str, help="folder of the validation images")
     data.add_argument("--train_sizes", default="480,512,544,576,608,640,672,704,736,768,800", type=str,
                       help="comma-separated shorter-side sizes for multi-scale training")
-    data.add_argument("--max_size", default=1333, type=int, help="longest side after resizing")
-    data.add_argument("--eval_size", default=800, type=int, help="shorter side at evaluation")
-    data.add_argument("--bigger", action="store_true",
-                      help="Swin-L recipe: scales x1.5 and max size 2000 (crop branch unchanged)")
     data.add_argument("--num_workers", default=2, type=int)
     data.add_argument("--skip_mismatched_images", action="store_true",
                       help="read every image header at start and leave out (with a count) the images whose size "
@@ -148,10 +87,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     run.add_argument("--output_dir", default="",
                      help="where to save checkpoints, log.txt, TensorBoard and COCO results; default: the folder of "
                           "the --resume checkpoint, else a new outputs/DATE-TIME folder (--eval: nowhere)")
-    run.add_argument("--device", default=None, help="cuda or cpu; default: cuda when available")
     run.add_argument("--seed", default=42, type=int)
     run.add_argument("--resume", default="",
-                     help="continue a run: model, optimizer, scheduler and epoch from a checkpoint")
+                     help="continue a run: model, optimizer, scheduler and epoch from a checkpoint; the model flags "
+                          "and data paths not given are the checkpoint's")
     run.add_argument("--finetune", default="",
                      help="start from a checkpoint's weights only; class heads of another size are dropped")
     run.add_argument("--start_epoch", default=0, type=int)
@@ -160,31 +99,17 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def model_args(checkpoint: dict[str, Any], source: str, overrides: list[str]) -> argparse.Namespace:
-    """Arguments of a checkpoint's model: parser defaults, then its saved 'args', then `overrides` (flags).
-
-    Official checkpoints save an argparse.Namespace, ours a dict; one that saves none needs the model
-    flags in `overrides`, which the scripts take after '--'. The backbone is not initialised from ImageNet
-    (the checkpoint holds its weights); the device and the evaluation batching are the overrides' or the
-    defaults, not those the checkpoint was trained with.
-    """
-    saved_args = checkpoint.get("args")
-    if saved_args is None and not overrides:
-        raise InputError(f"checkpoint {source}: it saves no model arguments; pass the main.py model flags after "
-                         "'--' (e.g. -- --two_stage --with_box_refine --num_feature_levels 5 ...)")
-    parser = get_args_parser()
-    args = parser.parse_args([])
-    saved = vars(saved_args) if isinstance(saved_args, argparse.Namespace) else dict(saved_args or {})
-    for key, value in saved.items():
-        if hasattr(args, key) and key not in _RUN_ONLY_ARGS:
-            setattr(args, key, value)
-    args = parser.parse_args(overrides, namespace=args)
-    args.pretrained_backbone = "none"
-    return args
+def parse_command_line(argv: list[str]) -> tuple[argparse.Namespace, set[str]]:
+    """main.py's arguments from a command line, and the names of those it gives (the rest are defaults)."""
+    parser = argparse.ArgumentParser("DETA training and evaluation", parents=[get_args_parser()])
+    return parser.parse_args(argv), set(given_args(parser, argv))
 
 
-def main(args: argparse.Namespace) -> None:
+def main(args: argparse.Namespace, given: Collection[str] | None = None) -> None:
     """Train with evaluation after every epoch, or only evaluate with --eval.
+
+    `given`: the names of the arguments that the command line gave (`parse_command_line`); with --resume, the
+    model's arguments and the data paths that it does not give are the checkpoint's. None: all of them given.
 
     Bad input ends the process with `error: <message>` and status 2, a non-finite loss with status 1,
     SIGINT and SIGTERM with one line naming the last good checkpoint and the resume command, and status
@@ -193,12 +118,12 @@ def main(args: argparse.Namespace) -> None:
     last = LastCheckpoint()
     try:
         with signals_raise():
-            _run(args, last)
+            _run(args, given, last)
     except InputError as err:
         # Every process of a torchrun run meets a bad flag or file alike: the first says it. A data error in
         # one process's images, that process says.
         if err.local or os.environ.get("RANK", "0") == "0":
-            print(f"error: {err}", file=sys.stderr)
+            print(f"error: {command_line_message(err)}", file=sys.stderr)
         sys.exit(2)
     except NonFiniteLossError as err:
         if get_rank() == 0:  # the loss is reduced over the processes: every one stops at the same step
@@ -212,7 +137,7 @@ def main(args: argparse.Namespace) -> None:
         cleanup_distributed()
 
 
-def _run(args: argparse.Namespace, last: LastCheckpoint) -> None:
+def _run(args: argparse.Namespace, given: Collection[str] | None, last: LastCheckpoint) -> None:
     validate_args(args)
     device = init_distributed(args.device)
     if device.type == "cpu":
@@ -227,9 +152,14 @@ def _run(args: argparse.Namespace, last: LastCheckpoint) -> None:
                     "here (100x on an AVX2 machine); drop --amp")
     output_dir = last.output_dir = _prepare_output_dir(args)
     seed_everything(args.seed + rank)
+    checkpoint = load_checkpoint(args.resume or args.finetune) if args.resume or args.finetune else None
+    from_checkpoint = _take_from_checkpoint(args, given, checkpoint) if args.resume and given is not None else {}
+    if from_checkpoint:
+        log.info("--resume: from the checkpoint's saved arguments, as the command line does not give them: "
+                 + ", ".join(f"--{name}" if value is True else f"--{name} {value}"
+                             for name, value in from_checkpoint.items()))
     log.info(f"{world_size} process(es) on {device}; {args}")
 
-    checkpoint = load_checkpoint(args.resume or args.finetune) if args.resume or args.finetune else None
     evaluate_first = False  # the resumed epoch's evaluation, cut short by the end of the last run
     if args.resume and not args.eval:
         last.path, last.epoch = Path(args.resume), checkpoint.get("epoch")
@@ -346,6 +276,27 @@ def _prepare_output_dir(args: argparse.Namespace) -> Path | None:
     return folder
 
 
+def _take_from_checkpoint(args: argparse.Namespace, given: Collection[str],
+                          checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """The --resume checkpoint's saved model arguments and data paths into the arguments that the command line
+    does not give; returns those that changed. Data paths are taken when the command line gives none and they
+    still exist. The backbone is not initialised from ImageNet: the checkpoint holds its weights."""
+    if "pretrained_backbone" not in given:
+        args.pretrained_backbone = "none"
+    saved = saved_args(checkpoint)
+    if saved is None:
+        return {}
+    taken = take_saved(args, saved, keep={*given, "pretrained_backbone"})
+    if taken:
+        validate_model_args(args)
+    if not any(name in given for name in DATA_PATHS):
+        for name in DATA_PATHS:
+            if saved.get(name) and Path(saved[name]).exists() and saved[name] != getattr(args, name):
+                taken[name] = saved[name]
+                setattr(args, name, saved[name])
+    return taken
+
+
 def _epochs_left(checkpoint: dict[str, Any], args: argparse.Namespace, evaluate_first: bool) -> bool:
     """Whether --epochs leaves anything to do after the resumed checkpoint's epochs: training, or only the
     evaluation of its last epoch. --epochs below the epochs trained is an error; equal to them, a message."""
@@ -376,6 +327,8 @@ def _load_weights(model: torch.nn.Module, checkpoint: dict[str, Any], args: argp
         differences = architecture_differences(checkpoint.get("args"), args)
         hint = f"; the flags differ from the checkpoint's saved arguments: {', '.join(differences)}" if differences \
             else ""
+        if checkpoint.get("args") is None:
+            hint = "; the checkpoint saves no model arguments (detrex): pass the model flags it was trained with"
         raise InputError(f"{source}: {err}{hint}") from err
     if args.finetune:
         log.info(f"--finetune: re-initialised {len(skipped)} class-head tensor(s) whose size differs from the "
@@ -456,4 +409,4 @@ def _log_epoch(output_dir: Path, writer: SummaryWriter | None, epoch: int, train
 
 
 if __name__ == "__main__":
-    main(argparse.ArgumentParser("DETA training and evaluation", parents=[get_args_parser()]).parse_args())
+    main(*parse_command_line(sys.argv[1:]))

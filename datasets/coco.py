@@ -17,9 +17,10 @@ from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as F
 
 from datasets.checks import summarize
-from datasets.images import follows_exif, header, open_image, orientation, to_rgb, turned_size, upright
 from datasets.transforms import Target, remove_empty_boxes
+from deta.coco_categories import category_names as names_of_categories
 from deta.errors import InputError
+from deta.images import follows_exif, header, open_image, orientation, to_rgb, turned_size, upright
 
 HEADER_READERS = 8  # threads reading image headers for --skip_mismatched_images
 # Keys every entry needs: pycocotools indexes by the ids, the target needs bbox, COCOeval needs area.
@@ -104,7 +105,7 @@ def category_ids(coco: COCO) -> set[int]:
 
 def category_names(coco: COCO) -> dict[int, str]:
     """Category id → name of the declared categories (the id itself where a category has no name)."""
-    return {cat_id: str(cat.get("name", cat_id)) for cat_id, cat in coco.cats.items()}
+    return names_of_categories(coco.cats.values())
 
 
 def check_category_ids(coco: COCO, path: str | Path, num_classes: int | None) -> None:

@@ -6,7 +6,7 @@ import torchvision
 from torch import Tensor, nn
 from torchvision.models._utils import IntermediateLayerGetter
 
-from .errors import InputError
+from .errors import ArgumentError
 
 RESNET_WEIGHTS = {
     "resnet18": "ResNet18_Weights",
@@ -53,9 +53,11 @@ class ResNetBackbone(nn.Module):
     def __init__(self, name: str, train_backbone: bool, multi_scale: bool, dilation: bool) -> None:
         super().__init__()
         if name not in RESNET_WEIGHTS:
-            raise InputError(f"--backbone {name}: expected one of {', '.join(RESNET_WEIGHTS)}, swin_large (or swin)")
+            raise ArgumentError(f"{{backbone}}: expected one of {', '.join(RESNET_WEIGHTS)}, swin_large (or swin)",
+                                backbone=name)
         if dilation and name in ("resnet18", "resnet34"):
-            raise InputError(f"--dilation: {name}'s basic blocks cannot be dilated; use resnet50 or resnet101")
+            raise ArgumentError(f"{{dilation}}: {name}'s basic blocks cannot be dilated; use resnet50 or resnet101",
+                                dilation=True)
         resnet = getattr(torchvision.models, name)(
             weights=None, replace_stride_with_dilation=[False, False, dilation], norm_layer=FrozenBatchNorm2d)
         for param_name, param in resnet.named_parameters():
@@ -108,23 +110,24 @@ def load_pretrained_backbone(backbone: ResNetBackbone, name: str, choice: str) -
         try:
             state_dict = weights.get_state_dict(progress=False)
         except Exception as error:  # offline, proxy, corrupt cache: all end the same way for the user
-            raise InputError(
-                f"--pretrained_backbone default: could not load torchvision's {name} ImageNet weights "
-                f"(looked in {cached}; {type(error).__name__}); pass --pretrained_backbone none or a "
-                "local file path") from error
+            raise ArgumentError(
+                f"{{pretrained_backbone}}: could not load torchvision's {name} ImageNet weights (looked in {cached}; "
+                f"{type(error).__name__}); pass 'none' or a local file path", pretrained_backbone=choice) from error
     else:
         path = Path(choice)
         if not path.is_file():
-            raise InputError(f"--pretrained_backbone {choice}: no such file (use 'default', 'none' or a path)")
+            raise ArgumentError("{pretrained_backbone}: no such file (use 'default', 'none' or a path)",
+                                pretrained_backbone=choice)
         try:
             state_dict = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as error:
-            raise InputError(f"--pretrained_backbone {choice}: not a readable PyTorch state dict ({error})") from error
+            raise ArgumentError(f"{{pretrained_backbone}}: not a readable PyTorch state dict ({error})",
+                                pretrained_backbone=choice) from error
         state_dict = state_dict.get("model", state_dict.get("state_dict", state_dict))
     body_keys = backbone.body.state_dict().keys()
     body_state = {k: v for k, v in state_dict.items() if k in body_keys}
     missing = sorted(set(body_keys) - set(body_state) - {k for k in body_keys if k.endswith("num_batches_tracked")})
     if missing:
-        raise InputError(f"--pretrained_backbone {choice}: not {name} weights; missing {len(missing)} keys, "
-                         f"e.g. {missing[:3]}")
+        raise ArgumentError(f"{{pretrained_backbone}}: not {name} weights; missing {len(missing)} keys, "
+                            f"e.g. {missing[:3]}", pretrained_backbone=choice)
     backbone.body.load_state_dict(body_state, strict=False)

@@ -1,5 +1,13 @@
 """Names of the COCO 2017 detection categories, by category id (1..90, of which 12, 26, 29, 30, 45, 66, 68, 69,
-71 and 83 are unused), for the 91-way class heads of COCO checkpoints."""
+71 and 83 are unused), for the 91-way class heads of COCO checkpoints; and the names a COCO-format file declares."""
+import json
+import os
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from .errors import InputError
+
+COCO_NUM_CLASSES = 91  # COCO category ids run 1..90; index 0 and 10 unused ids are never targets
 
 COCO_CATEGORY_NAMES = {
     1: "person", 2: "bicycle", 3: "car", 4: "motorcycle", 5: "airplane", 6: "bus", 7: "train", 8: "truck",
@@ -15,3 +23,25 @@ COCO_CATEGORY_NAMES = {
     79: "oven", 80: "toaster", 81: "sink", 82: "refrigerator", 84: "book", 85: "clock", 86: "vase",
     87: "scissors", 88: "teddy bear", 89: "hair drier", 90: "toothbrush",
 }
+
+
+def category_names(categories: Iterable[Mapping[str, Any]]) -> dict[int, str]:
+    """Category id → name of COCO `categories` entries (the id itself where an entry has no name)."""
+    return {category["id"]: str(category.get("name", category["id"])) for category in categories}
+
+
+def read_category_names(path: str | os.PathLike, flag: str = "names_json") -> dict[int, str]:
+    """The categories a COCO-format annotation file declares, id → name; a file that has none is an
+    InputError naming `flag`."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except FileNotFoundError as err:
+        raise InputError(f"{flag}: file {path} does not exist; pass a COCO-format annotation file") from err
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise InputError(f"{flag}: {path} is not readable JSON ({err}); pass a COCO-format annotation file") from err
+    categories = data.get("categories") if isinstance(data, dict) else None
+    if not isinstance(categories, list) or not all(isinstance(c, dict) and "id" in c for c in categories):
+        raise InputError(f"{flag}: {path} has no COCO 'categories' list of entries with an id; pass a COCO-format "
+                         "annotation file")
+    return category_names(categories)

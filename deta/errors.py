@@ -1,4 +1,5 @@
-"""The error type for bad user input."""
+"""The error types for bad user input."""
+from collections.abc import Callable
 
 
 class InputError(ValueError):
@@ -12,3 +13,30 @@ class InputError(ValueError):
     def __init__(self, message: str, local: bool = False) -> None:
         super().__init__(message)
         self.local = local
+
+
+class ArgumentError(InputError):
+    """A model argument whose value cannot work, raised by the model code.
+
+    `template` names each argument of `values` as `{name}`. The message reads `name=value` (the keyword of
+    `Detector.from_checkpoint`); `on_command_line()` reads `--name value`, as main.py and the scripts say it.
+    """
+
+    def __init__(self, template: str, **values: object) -> None:
+        self.template = template
+        self.values = values
+        super().__init__(self._render(lambda name, value: f"{name}={value!r}"))
+
+    def on_command_line(self) -> str:
+        return self._render(lambda name, value: f"--{name}" if value is True else f"--{name} {value}")
+
+    def _render(self, spell: Callable[[str, object], str]) -> str:
+        text = self.template
+        for name, value in self.values.items():  # not str.format: the rest of the text may hold braces
+            text = text.replace(f"{{{name}}}", spell(name, value))
+        return text
+
+
+def command_line_message(error: InputError) -> str:
+    """What an entry point that takes flags prints after `error: `."""
+    return error.on_command_line() if isinstance(error, ArgumentError) else str(error)

@@ -10,7 +10,6 @@ import argparse
 import os
 import warnings
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,15 +17,14 @@ from PIL import Image
 from torch import Tensor, nn
 from torchvision.transforms.v2 import functional as F
 
-from datasets.coco import category_names, load_coco, prepare_target
-from datasets.images import read_rgb, to_rgb, upright
-from datasets.transforms import make_transforms
-
-from . import COCO_NUM_CLASSES, build_model
-from .checkpoint import class_head_size, load_checkpoint, load_model_weights
-from .coco_categories import COCO_CATEGORY_NAMES
+from .build import build_model
+from .checkpoint import load_checkpoint, load_model_weights
+from .coco_categories import COCO_CATEGORY_NAMES, COCO_NUM_CLASSES, read_category_names
+from .config import checkpoint_args
 from .errors import InputError
+from .images import read_rgb, to_rgb, upright
 from .optimize import optimize_for_inference
+from .preprocess import eval_transform
 
 ImageInput = str | os.PathLike | Image.Image | Tensor
 Detections = dict[str, Any]
@@ -48,39 +46,25 @@ class Detector:
         self.args = args
         self.class_names = class_names
         self.device = next(model.parameters()).device
-        self.transform = make_transforms(False, [], args.max_size, args.eval_size, args.bigger)
+        self.transform = eval_transform(args.max_size, args.eval_size, args.bigger)
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, device: str | torch.device | None = None, *,
                         names_json: str | os.PathLike | None = None, optimize: bool = True, **flags: Any) -> Detector:
         """Load any checkpoint that `main.py --resume` reads: ours, official DETA, detrex or an HF model folder.
 
-        The model is the one of the arguments saved in the checkpoint. Keyword arguments are main.py flags by
-        their argument names and override them (`eval_size=600`, `amp=True` for bf16 autocast, also on CPU);
-        detrex checkpoints save none and need the model flags (`two_stage=True, with_box_refine=True,
-        num_feature_levels=5, ...`). `device` ("cpu", "cuda", "cuda:1", ...) defaults to CUDA when
-        available. Class names come from
-        `names_json` (a COCO-format annotation file), else from the checkpoint (main.py saves the training
-        set's), else COCO's for 91-class models. `optimize`: see `Detector`.
+        The model is the one of the arguments saved in the checkpoint (`deta.config.checkpoint_args`). Keyword
+        arguments are the model's flags (deta.config, main.py's) by their argument names and override them
+        (`eval_size=600`, `amp=True` for bf16 autocast, also on CPU); detrex checkpoints save none and need the
+        model flags (`two_stage=True, with_box_refine=True, num_feature_levels=5, ...`). `device` ("cpu", "cuda",
+        "cuda:1", ...) defaults to CUDA when available. Class names come from `names_json` (a COCO-format
+        annotation file), else from the checkpoint (main.py saves the training set's), else COCO's for
+        91-class models. `optimize`: see `Detector`.
         """
-        from main import model_args  # main.py holds the flags, and itself imports deta
-        from training.args_check import validate_args
-
         checkpoint = load_checkpoint(path)
-        if checkpoint.get("args") is None and not flags:
-            raise InputError(f"checkpoint {path}: it saves no model arguments; pass the main.py model flags, e.g. "
-                             "two_stage=True, with_box_refine=True, num_feature_levels=5, ...")
-        args = model_args({"args": checkpoint.get("args") or {}}, str(path), [])
-        unknown = sorted(set(flags) - set(vars(args)))
-        if unknown:
-            raise InputError(f"unknown main.py flag(s) {', '.join(unknown)}; see python main.py --help")
-        # bf16 is the caller's choice here, not the training run's.
-        vars(args).update({"amp": False, **flags})
+        args = checkpoint_args(checkpoint, f"checkpoint {path}", flags)
         if device is not None:
             args.device = str(device)
-        if args.num_classes is None:
-            args.num_classes = class_head_size(checkpoint["model"], f"checkpoint {path}", "num_classes=")
-        validate_args(args)
         model, _, postprocessors = build_model(args)
         load_model_weights(model, checkpoint["model"])
         model_device = next(model.parameters()).device
@@ -93,8 +77,7 @@ class Detector:
         """An image as the model reads it: the normalised, resized 3×h×w float tensor, and the (H, W) of the
         image before resizing (what boxes are scaled back to). What an exported ONNX graph needs too."""
         picture = _as_rgb(image)
-        tensor, _ = self.transform(picture, prepare_target([], 0, picture.width, picture.height))
-        return tensor, (picture.height, picture.width)
+        return self.transform(picture).as_subclass(Tensor), (picture.height, picture.width)
 
     @torch.no_grad()
     def predict(self, images: ImageInput | Sequence[ImageInput], score_threshold: float = 0.0,
@@ -153,9 +136,7 @@ def class_names(checkpoint: dict, names_json: str | os.PathLike | None, num_clas
     """Names of the class ids: `names_json`'s categories, else those saved in the checkpoint, else COCO's for a
     91-class head, else none (with a warning)."""
     if names_json:
-        if not Path(names_json).is_file():
-            raise InputError(f"--names_json: file {names_json} does not exist; pass a COCO-format annotation file")
-        return category_names(load_coco(names_json))
+        return read_category_names(names_json, "--names_json")
     if checkpoint.get("category_names"):
         return checkpoint["category_names"]
     if num_classes == COCO_NUM_CLASSES:
@@ -164,20 +145,3 @@ def class_names(checkpoint: dict, names_json: str | os.PathLike | None, num_clas
                   "--names_json / names_json= with a COCO-format annotation file for names)", stacklevel=3)
     return {}
 
-
-def main_flags(argv: list[str]) -> dict[str, Any]:
-    """main.py flags on a command line (`--eval_size 600 --amp`) as the keyword arguments of `from_checkpoint`:
-    only the flags given, by argument name."""
-    from main import get_args_parser
-
-    parser = get_args_parser()
-    parser.exit_on_error = False
-    unset = object()
-    given = argparse.Namespace(**{action.dest: unset for action in parser._actions})
-    try:
-        given, unknown = parser.parse_known_args(argv, namespace=given)
-    except argparse.ArgumentError as err:
-        raise InputError(f"main.py flags after '--': {err}") from err
-    if unknown:
-        raise InputError(f"main.py flags after '--': unknown {' '.join(unknown)}; see python main.py --help")
-    return {key: value for key, value in vars(given).items() if value is not unset}

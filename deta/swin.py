@@ -15,7 +15,7 @@ from timm.models.swin_transformer import (
 )
 from torch import Tensor, nn
 
-from .errors import InputError
+from .errors import ArgumentError
 
 SWIN_VARIANTS = {
     # Official DETA's Swin-L (its models/swin.py): patch 4, no absolute position embedding, drop path 0.3.
@@ -100,9 +100,9 @@ def _create_swin(variant: dict, pretrained: str) -> nn.Module:
         try:
             return timm.create_model(f"{name}.{_PRETRAINED_TAG}", pretrained=True, **options)
         except Exception as error:  # offline, proxy, corrupt cache: all end the same way for the user
-            raise InputError(f"--pretrained_backbone default: could not load timm's {name}.{_PRETRAINED_TAG} "
-                             f"weights ({type(error).__name__}); pass --pretrained_backbone none or the path of "
-                             "swin_large_patch4_window12_384_22k.pth") from error
+            raise ArgumentError(f"{{pretrained_backbone}}: could not load timm's {name}.{_PRETRAINED_TAG} weights "
+                                f"({type(error).__name__}); pass 'none' or the path of "
+                                "swin_large_patch4_window12_384_22k.pth", pretrained_backbone=pretrained) from error
     model = timm.create_model(name, **options)
     if pretrained != "none":
         _load_release_file(model, pretrained)
@@ -113,7 +113,8 @@ def _load_release_file(model: nn.Module, path: str) -> None:
     """Weights in the original Swin release's layout (the official code loads
     swin_large_patch4_window12_384_22k.pth), optionally under 'model'; the classifier is not used."""
     if not Path(path).is_file():
-        raise InputError(f"--pretrained_backbone {path}: no such file (use 'default', 'none' or a path)")
+        raise ArgumentError("{pretrained_backbone}: no such file (use 'default', 'none' or a path)",
+                            pretrained_backbone=path)
     try:
         state_dict = torch.load(path, map_location="cpu", weights_only=True)
         # timm's own import: renumbers the patch merging, drops the buffers it recomputes.
@@ -121,9 +122,9 @@ def _load_release_file(model: nn.Module, path: str) -> None:
         missing, _ = model.load_state_dict({k: v for k, v in state_dict.items() if not k.startswith("head.")},
                                            strict=False)
     except Exception as error:
-        raise InputError(f"--pretrained_backbone {path}: not a readable Swin state dict of this size "
-                         f"({type(error).__name__}: {str(error)[:200]})") from error
+        raise ArgumentError(f"{{pretrained_backbone}}: not a readable Swin state dict of this size "
+                            f"({type(error).__name__}: {str(error)[:200]})", pretrained_backbone=path) from error
     missing = [key for key in missing if not key.startswith("head.")]
     if missing:
-        raise InputError(f"--pretrained_backbone {path}: not Swin weights of this size; missing {len(missing)} "
-                         f"keys, e.g. {missing[:3]}")
+        raise ArgumentError(f"{{pretrained_backbone}}: not Swin weights of this size; missing {len(missing)} "
+                            f"keys, e.g. {missing[:3]}", pretrained_backbone=path)

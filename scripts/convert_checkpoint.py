@@ -30,15 +30,15 @@ from deta.checkpoint import (
     save_hf_folder,
     state_dict_problems,
 )
-from deta.errors import InputError
+from deta.config import checkpoint_args, model_flags
+from deta.errors import InputError, command_line_message
 from deta.formats.hf import config_json
-from main import model_args
 
 
 def convert(source: str, target: str, source_format: str, target_format: str, overrides: list[str]) -> None:
     _refuse_to_overwrite(Path(source), Path(target), target_format)
     checkpoint = load_checkpoint(source, source_format)
-    args = model_args(checkpoint, source, overrides)
+    args = checkpoint_args(checkpoint, f"checkpoint {source}", model_flags(overrides))
     args.device = "cpu"
     model, _, _ = deta.build_model(args)
     problems = state_dict_problems(model, checkpoint["model"])
@@ -83,7 +83,7 @@ def main() -> None:
     try:
         convert(options.input, options.output, options.source_format, options.target_format, argv[split + 1:])
     except InputError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {command_line_message(error)}", file=sys.stderr)
         sys.exit(2)
 
 

@@ -26,12 +26,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from datasets.transforms import IMAGENET_MEAN, IMAGENET_STD
 from deta.checkpoint import input_file_at
-from deta.errors import InputError
-from deta.inference import Detector, main_flags
+from deta.config import model_flags
+from deta.errors import InputError, command_line_message
+from deta.inference import Detector
 from deta.onnx_export import DEFAULT_OPSET, export_onnx
 from deta.onnx_verify import verify_onnx
+from deta.preprocess import IMAGENET_MEAN, IMAGENET_STD
 
 DEFAULT_VERIFY_SIZES = ["800x1333", "1066x800"]
 
@@ -63,7 +64,7 @@ def export(checkpoint: str, out: Path, postprocess: bool, num_detections: int | 
     if input_file_at(out, checkpoint) is not None:
         raise InputError(f"--out {out}: that is the checkpoint being exported (or a link to it); choose another "
                          "output file")
-    detector = Detector.from_checkpoint(checkpoint, names_json=names_json, **{**main_flags(overrides),
+    detector = Detector.from_checkpoint(checkpoint, names_json=names_json, **{**model_flags(overrides),
                                                                               "device": "cpu"})
     export_onnx(detector.model, out, postprocess=detector.postprocess if postprocess else None,
                 num_detections=num_detections, opset=opset, metadata=metadata(detector))
@@ -109,7 +110,7 @@ def main(argv: list[str] | None = None) -> None:
         ok = export(options.resume, Path(options.out), options.postprocess, options.num_detections, options.opset,
                     verify, options.names_json, argv[split + 1:])
     except InputError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {command_line_message(err)}", file=sys.stderr)
         sys.exit(2)
     if not ok:
         print("error: ONNX Runtime and PyTorch disagree (see above)", file=sys.stderr)

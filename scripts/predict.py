@@ -27,9 +27,10 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from datasets.images import read_rgb
-from deta.errors import InputError
-from deta.inference import Detector, main_flags
+from deta.config import model_flags
+from deta.errors import InputError, command_line_message
+from deta.images import read_rgb
+from deta.inference import Detector
 from training.coco_eval import coco_detections
 from training.cpu_memory import keep_freed_memory
 
@@ -87,7 +88,7 @@ def predict(checkpoint_path: str, inputs: list[str], out_dir: Path, score_thresh
     drawings = output_names(paths)
     with warnings.catch_warnings(record=True) as caught:  # a command line says them in one line each
         warnings.simplefilter("always")
-        detector = Detector.from_checkpoint(checkpoint_path, names_json=names_json, **main_flags(overrides))
+        detector = Detector.from_checkpoint(checkpoint_path, names_json=names_json, **model_flags(overrides))
     for warning in caught:
         print(f"warning: {warning.message}", file=sys.stderr)
     if detector.device.type == "cpu":
@@ -142,7 +143,7 @@ def main(argv: list[str] | None = None) -> None:
         predict(options.resume, options.images, _output_folder(options.out), options.score_threshold,
                 options.names_json, argv[split + 1:])
     except InputError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {command_line_message(err)}", file=sys.stderr)
         sys.exit(2)
 
 

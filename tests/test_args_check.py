@@ -4,9 +4,10 @@ import argparse
 import pytest
 from test_main import TINY
 
+from deta.config import architecture_differences, given_args
 from deta.errors import InputError
 from main import get_args_parser
-from training.args_check import architecture_differences, validate_args
+from training.args_check import validate_args
 
 
 def _args(*flags: str) -> argparse.Namespace:
@@ -54,3 +55,9 @@ def test_architecture_differences_name_the_flag_and_the_saved_value() -> None:
                                                      "--num_queries 20 (checkpoint: 300)"]
     assert architecture_differences(argparse.Namespace(hidden_dim=256), args) == ["--hidden_dim 64 (checkpoint: 256)"]
     assert architecture_differences(None, args) == []
+
+
+def test_given_args_are_the_command_line_s_even_at_their_default_values() -> None:
+    given = given_args(get_args_parser(), ["--two_stage", "--lr", "2e-4", "--no_aux_loss", "--backbone=resnet18"])
+    assert given == {"two_stage": True, "lr": 2e-4, "aux_loss": False, "backbone": "resnet18"}
+    assert given_args(get_args_parser(), []) == {}

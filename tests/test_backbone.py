@@ -6,7 +6,7 @@ import torch
 import torchvision
 
 from deta.backbone import FrozenBatchNorm2d, ResNetBackbone, load_pretrained_backbone
-from deta.errors import InputError
+from deta.errors import ArgumentError, InputError
 from deta.folded_resnet import fold_resnet_body
 
 
@@ -32,9 +32,11 @@ def test_default_without_cache_or_network_names_the_alternatives(tmp_path, monke
     monkeypatch.setattr(torch.hub, "download_url_to_file",
                         lambda *a, **k: (_ for _ in ()).throw(OSError("network unreachable")))
     backbone = ResNetBackbone("resnet18", train_backbone=True, multi_scale=True, dilation=False)
-    with pytest.raises(InputError, match="--pretrained_backbone none or a local file path") as error:
+    with pytest.raises(ArgumentError, match="pass 'none' or a local file path") as error:
         load_pretrained_backbone(backbone, "resnet18", "default")
     assert "\n" not in str(error.value)
+    assert str(error.value).startswith("pretrained_backbone='default': could not load torchvision's resnet18")
+    assert error.value.on_command_line().startswith("--pretrained_backbone default: could not load")
 
 
 def test_path_loads_a_local_file_and_rejects_other_weights(tmp_path):
@@ -50,9 +52,10 @@ def test_path_loads_a_local_file_and_rejects_other_weights(tmp_path):
         load_pretrained_backbone(backbone, "resnet18", str(tmp_path / "missing.pth"))
 
 
-def test_unknown_backbone_is_a_clear_error():
-    with pytest.raises(InputError, match="--backbone resnet42"):
+def test_unknown_backbone_is_a_clear_error_about_the_value_and_names_the_flag_on_the_command_line():
+    with pytest.raises(ArgumentError, match="^backbone='resnet42': expected one of resnet18,") as error:
         ResNetBackbone("resnet42", train_backbone=True, multi_scale=True, dilation=False)
+    assert error.value.on_command_line().startswith("--backbone resnet42: expected one of resnet18,")
 
 
 def test_frozen_batchnorm_matches_batchnorm_in_eval_and_drops_num_batches_tracked():
@@ -72,8 +75,9 @@ def test_frozen_batchnorm_keeps_the_dtype_of_its_input():
 
 
 def test_dilation_of_a_basic_block_resnet_is_a_clear_error():
-    with pytest.raises(InputError, match=r"--dilation: resnet18's basic blocks cannot be dilated; use resnet50"):
+    with pytest.raises(ArgumentError, match=r"^dilation=True: resnet18's basic blocks cannot be dilated") as error:
         ResNetBackbone("resnet18", train_backbone=True, multi_scale=True, dilation=True)
+    assert error.value.on_command_line().startswith("--dilation: resnet18's basic blocks cannot be dilated; use")
 
 
 def _backbone_with_statistics(name: str, dilation: bool = False) -> ResNetBackbone:

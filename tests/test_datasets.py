@@ -12,18 +12,12 @@ from torchvision.transforms import v2
 
 from datasets import build_dataset, collate_fn, resolve_num_classes
 from datasets.coco import CocoDetection, prepare_target
-from datasets.images import EXIF_ORIENTATION_TAG
 from datasets.synthetic import generate
-from datasets.transforms import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    RandomSizeCrop,
-    RemoveEmptyBoxes,
-    make_transforms,
-    resized_shape,
-)
+from datasets.transforms import RandomSizeCrop, RemoveEmptyBoxes, make_transforms
 from deta.box_ops import box_cxcywh_to_xyxy
 from deta.errors import InputError
+from deta.images import EXIF_ORIENTATION_TAG
+from deta.preprocess import IMAGENET_MEAN, IMAGENET_STD, resized_shape
 
 # main.py's data flags, with sizes small enough for CPU tests
 DEFAULTS = {"coco_path": None, "train_json": None, "train_images": None, "val_json": None, "val_images": None,

@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from datasets.images import (
+from deta.errors import InputError
+from deta.images import (
     EXIF_ORIENTATION_TAG,
     displayed_size,
     follows_exif,
@@ -14,7 +15,6 @@ from datasets.images import (
     to_rgb,
     upright,
 )
-from deta.errors import InputError
 
 
 def _pixels(image: Image.Image) -> np.ndarray:

@@ -10,12 +10,12 @@ from test_main import TINY
 from torchvision.transforms.v2 import functional as F
 
 import deta
-from datasets.images import EXIF_ORIENTATION_TAG, read_rgb
 from datasets.synthetic import CATEGORIES, generate
 from deta.checkpoint import from_ours, save_hf_folder, to_official
+from deta.config import model_parser
 from deta.errors import InputError
 from deta.formats.hf import config_json
-from main import get_args_parser
+from deta.images import EXIF_ORIENTATION_TAG, read_rgb
 from scripts import predict
 from training.coco_eval import coco_detections
 
@@ -113,7 +113,7 @@ def test_a_checkpoint_without_arguments_needs_the_model_flags(tiny_checkpoint: P
     torch.save({"model": torch.load(tiny_checkpoint, weights_only=True)["model"]}, bare)
     with pytest.raises(InputError, match="saves no model arguments"):
         deta.Detector.from_checkpoint(bare)
-    flags = vars(get_args_parser().parse_args(TINY))
+    flags = vars(model_parser().parse_known_args(TINY)[0])  # the model flags of the training command
     with pytest.warns(UserWarning, match="names none of its 6 classes"):
         detector = deta.Detector.from_checkpoint(bare, **{k: v for k, v in flags.items() if k != "num_classes"})
     assert detector.args.num_classes == 6 and detector.class_names == {}  # head size read from the weights

@@ -2,6 +2,7 @@
 import argparse
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -19,6 +20,7 @@ from datasets.synthetic import generate
 from deta import build_model
 from deta.checkpoint import to_official
 from deta.errors import InputError
+from training.coco_eval import STAT_NAMES
 
 REPO = Path(__file__).resolve().parents[1]
 # A model small enough for CPU tests. hidden_dim 64: with 5 levels the stride-128 map of these images is 1×1,
@@ -42,8 +44,8 @@ def data_flags(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
 
 
 def run_main(*flags: str) -> None:
-    """main.py in this process (its import is already paid for)."""
-    main_module.main(argparse.ArgumentParser(parents=[main_module.get_args_parser()]).parse_args(list(flags)))
+    """main.py in this process (its import is already paid for), with the command line's semantics."""
+    main_module.main(*main_module.parse_command_line(list(flags)))
 
 
 def run_script(*flags: str, launcher: tuple[str, ...] = (sys.executable,)) -> subprocess.CompletedProcess:
@@ -122,32 +124,63 @@ def test_resume_applies_a_new_schedule_and_says_so(data_flags: list[str], one_ep
     assert checkpoint["lr_scheduler"]["_last_lr"] == pytest.approx([2e-4, 2e-5, 2e-5])
 
 
-def test_r50_recipe_trains_padded_batches_and_evaluates_alike_at_any_batch_size(
-        data_flags: list[str], tmp_path: Path) -> None:
-    """The acceptance run of the COCO recipe on a tiny COCO root (tiny model flags override the recipe's)."""
+@pytest.fixture(scope="module")
+def r50_run(data_flags: list[str], tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(COCO root, checkpoint) of the COCO recipe's acceptance run on a tiny COCO root (tiny model flags override
+    the recipe's)."""
+    tmp_path = tmp_path_factory.mktemp("r50")
     paths = dict(flag.lstrip("-").split("=", 1) for flag in data_flags)
     coco = tmp_path / "coco"
     (coco / "annotations").mkdir(parents=True)
     for split in ("train", "val"):
         (coco / f"{split}2017").symlink_to(paths[f"{split}_images"])
         shutil.copy(paths[f"{split}_json"], coco / "annotations" / f"instances_{split}2017.json")
-    env = {**ENV, "GPUS": "1", "COCO_PATH": str(coco), "OUTPUT_DIR": str(tmp_path / "run"),
+    env = {**ENV, "GPUS": "1", "COCO_PATH": str(coco), "OUTPUT_DIR": str(tmp_path / "run"), "PYTHON": sys.executable,
            "MASTER_PORT": str(_free_port())}
     trained = subprocess.run(["bash", str(REPO / "scripts" / "r50_5scale_12ep.sh"), *TINY, "--epochs", "1"],
                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert trained.returncode == 0, trained.stdout[-3000:] + trained.stderr[-3000:]
-    checkpoint = torch.load(tmp_path / "run" / "checkpoint.pth", weights_only=True)
-    assert checkpoint["args"]["train_batching"] == "padded" and checkpoint["args"]["eval_batching"] == "per_image"
-    assert checkpoint["args"]["num_queries"] == 20 and checkpoint["args"]["dim_feedforward"] == 64
+    return coco, tmp_path / "run" / "checkpoint.pth"
 
+
+@pytest.fixture(scope="module")
+def r50_stats(r50_run: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, float]]:
+    """COCO metrics of the recipe's checkpoint evaluated with every flag given, at batch sizes 1 and 2."""
+    coco, checkpoint = r50_run
     stats = []
     for batch_size in ("1", "2"):
-        out = tmp_path / f"eval_batch{batch_size}"
-        run_main(*TINY, "--coco_path", str(coco), "--eval", "--resume", str(tmp_path / "run" / "checkpoint.pth"),
-                 "--batch_size", batch_size, "--output_dir", str(out))
+        out = tmp_path_factory.mktemp(f"eval_batch{batch_size}")
+        run_main(*TINY, "--coco_path", str(coco), "--eval", "--resume", str(checkpoint), "--batch_size", batch_size,
+                 "--output_dir", str(out))
         stats.append(json.loads((out / "coco_stats.json").read_text()))
-    assert stats[0]["AP"] > 0
-    assert stats[0] == pytest.approx(stats[1], abs=1e-9)
+    return stats
+
+
+def test_r50_recipe_trains_padded_batches_and_evaluates_alike_at_any_batch_size(
+        r50_run: tuple[Path, Path], r50_stats: list[dict[str, float]]) -> None:
+    checkpoint = torch.load(r50_run[1], weights_only=True)
+    assert checkpoint["args"]["train_batching"] == "padded" and checkpoint["args"]["eval_batching"] == "per_image"
+    assert checkpoint["args"]["num_queries"] == 20 and checkpoint["args"]["dim_feedforward"] == 64
+    assert r50_stats[0]["AP"] > 0
+    assert r50_stats[0] == pytest.approx(r50_stats[1], abs=1e-9)
+
+
+def test_the_documented_eval_command_takes_model_and_data_from_the_checkpoint(
+        r50_run: tuple[Path, Path], r50_stats: list[dict[str, float]], tmp_path: Path) -> None:
+    """`torchrun --nproc_per_node=2 main.py --eval --resume ckpt.pth`, as the README writes it, run elsewhere."""
+    coco, checkpoint = r50_run
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    evaluated = subprocess.run([*launcher, str(REPO / "main.py"), "--eval", "--resume", str(checkpoint)],
+                               cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
+    assert evaluated.returncode == 0, evaluated.stdout[-3000:] + evaluated.stderr[-3000:]
+    (taken,) = [line for line in evaluated.stdout.splitlines() if line.startswith("--resume: from the checkpoint")]
+    assert "--backbone resnet18, " in taken and "--two_stage, " in taken and f"--coco_path {coco}" in taken
+    assert "--pretrained_backbone" not in taken  # the checkpoint holds the backbone's weights
+    # The COCO table's first 12 metrics (faster-coco-eval adds AR50 and AR75), printed to 3 decimals, against those
+    # of the evaluation with every flag.
+    table = re.findall(r"\] = +(-?[0-9.]+)", evaluated.stdout)[:len(STAT_NAMES)]
+    assert [float(value) for value in table] == pytest.approx([r50_stats[0][name] for name in STAT_NAMES],
+                                                              abs=5e-4 + 1e-9)
 
 
 def _free_port() -> int:
@@ -185,6 +218,45 @@ def test_eval_of_an_official_checkpoint(data_flags: list[str], one_epoch: Path, 
         run_main(*TINY, *data_flags, "--eval", "--resume", str(path), "--output_dir", str(tmp_path / name))
     assert (tmp_path / "ours" / "coco_results.json").read_text() == \
         (tmp_path / "official" / "coco_results.json").read_text()
+
+
+def test_resume_takes_the_flags_not_given_from_the_checkpoint_and_says_which(
+        one_epoch: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    run_main("--eval", "--resume", str(one_epoch / "checkpoint.pth"), "--eval_size", "64", "--device", "cpu",
+             "--output_dir", str(tmp_path))
+    out = capsys.readouterr().out
+    (taken,) = [line for line in out.splitlines() if line.startswith("--resume: from the checkpoint's saved")]
+    assert "--hidden_dim 64, " in taken and "--num_classes 6" in taken and "--val_json " in taken
+    assert "--eval_size" not in taken and "--device" not in taken  # given on the command line
+    assert "eval_size=64, " in out and "hidden_dim=64, " in out  # the arguments the run logs
+    assert json.loads((tmp_path / "coco_stats.json").read_text())["AP"] >= 0
+
+
+def test_resume_of_an_official_checkpoint_takes_its_namespace(one_epoch: Path, tmp_path: Path) -> None:
+    """Official checkpoints save an argparse.Namespace, without num_classes; the same model evaluates alike."""
+    ours = torch.load(one_epoch / "checkpoint.pth", map_location="cpu", weights_only=True)
+    saved = {key: value for key, value in ours["args"].items() if key != "num_classes"}
+    official = {"model": to_official(ours["model"], two_stage=True, with_box_refine=True), "epoch": 0,
+                "args": argparse.Namespace(**saved)}
+    torch.save(official, tmp_path / "official.pth")
+    for name, path in (("ours", one_epoch / "checkpoint.pth"), ("official", tmp_path / "official.pth")):
+        run_main("--eval", "--resume", str(path), "--device", "cpu", "--output_dir", str(tmp_path / name))
+    results = (tmp_path / "ours" / "coco_results.json").read_text()
+    assert results == (tmp_path / "official" / "coco_results.json").read_text()
+    assert results == (one_epoch / "coco_results.json").read_text()  # as the training run evaluated it
+
+
+def test_resume_of_a_checkpoint_without_arguments_asks_for_the_model_flags(
+        one_epoch: Path, data_flags: list[str], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """detrex files hold the weights alone: the model flags must be given."""
+    torch.save({"model": weights(one_epoch / "checkpoint.pth")}, tmp_path / "detrex.pth")
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(*data_flags, "--eval", "--resume", str(tmp_path / "detrex.pth"), "--device", "cpu")
+    assert exit_info.value.code == 2
+    err = _one_line(capsys.readouterr().err)
+    assert err.startswith(f"error: {tmp_path / 'detrex.pth'}: ")
+    assert err.rstrip().endswith("the checkpoint saves no model arguments (detrex): pass the model flags it was "
+                                 "trained with")
 
 
 def test_finetune_replaces_a_class_head_of_another_size(data_flags: list[str], one_epoch: Path,
@@ -468,7 +540,7 @@ def test_a_data_error_of_the_loader_is_this_process_s_own(num_workers: int) -> N
 def test_under_torchrun_one_process_says_an_error_all_meet(monkeypatch: pytest.MonkeyPatch,
                                                            capsys: pytest.CaptureFixture, rank: str, local: bool,
                                                            said: bool) -> None:
-    def run(args: argparse.Namespace, last: object) -> None:
+    def run(args: argparse.Namespace, given: object, last: object) -> None:
         raise InputError("x.png: bad", local=local)
 
     monkeypatch.setenv("RANK", rank)

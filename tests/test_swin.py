@@ -91,7 +91,7 @@ def test_swin_initialises_from_an_original_swin_release_file(backbone, tmp_path,
 def test_a_file_of_other_weights_is_refused(tmp_path, monkeypatch):
     monkeypatch.setitem(swin.SWIN_VARIANTS["swin_large"], "depths", SHALLOW)
     torch.save({"model": {"backbone.0.body.conv1.weight": torch.zeros(64, 3, 7, 7)}}, tmp_path / "r50.pth")
-    with pytest.raises(InputError, match=r"r50\.pth: not Swin weights of this size; missing \d+ keys"):
+    with pytest.raises(InputError, match=r"r50\.pth': not Swin weights of this size; missing \d+ keys"):
         swin.SwinBackbone("swin", train_backbone=True, pretrained=str(tmp_path / "r50.pth"))
 
 

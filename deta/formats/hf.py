@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .. import COCO_NUM_CLASSES
-from ..errors import InputError
+from ..coco_categories import COCO_NUM_CLASSES
+from ..errors import ArgumentError, InputError
 from ..swin import SWIN_ALIASES, SWIN_VARIANTS, is_swin
 from .head_copies import add_head_copies, drop_head_copies
 from .rules import RuleTable, StateDict
@@ -177,11 +177,11 @@ def model_args(config: Mapping[str, Any], source: str = "config.json") -> dict[s
     if config.get("model_type") != "deta":
         raise InputError(f"{source}: model_type is {config.get('model_type')!r}, not 'deta'")
     config = {**_DETA_DEFAULTS, **config}
-    for encoder_key, decoder_key, flag in [("encoder_ffn_dim", "decoder_ffn_dim", "--dim_feedforward"),
-                                           ("encoder_attention_heads", "decoder_attention_heads", "--nheads")]:
+    for encoder_key, decoder_key, argument in [("encoder_ffn_dim", "decoder_ffn_dim", "dim_feedforward"),
+                                               ("encoder_attention_heads", "decoder_attention_heads", "nheads")]:
         if config[encoder_key] != config[decoder_key]:
             raise InputError(f"{source}: {encoder_key} {config[encoder_key]} differs from {decoder_key} "
-                             f"{config[decoder_key]}; our model has one {flag} for both")
+                             f"{config[decoder_key]}; our model has one {argument} for both")
     two_stage = config["two_stage"]
     return {
         "backbone": _backbone_name(config.get("backbone_config") or {"model_type": "resnet"}, source),
@@ -199,7 +199,7 @@ def model_args(config: Mapping[str, Any], source: str = "config.json") -> dict[s
 
 
 def _backbone_name(backbone: Mapping[str, Any], source: str) -> str:
-    """Our --backbone for HF's backbone_config; only the backbones we build the same way pass."""
+    """Our backbone name for HF's backbone_config; only the backbones we build the same way pass."""
     kind = backbone.get("model_type")
     if kind == "resnet":
         backbone = {**_RESNET_DEFAULTS, **backbone}
@@ -225,14 +225,17 @@ def category_names(config: Mapping[str, Any]) -> dict[int, str]:
 def config_json(args: Any, names: Mapping[int, str] | None = None) -> dict[str, Any]:
     """The config.json of the `DetaForObjectDetection` that runs the model `args` (main.py arguments)
     describe: the inverse of `model_args`. `names` (class index → name) becomes id2label."""
-    problems = [problem for problem, found in [
-        ("--dilation (HF's backbones have no dilated stage)", getattr(args, "dilation", False)),
-        (f"--position_embedding_scale {args.position_embedding_scale} (HF's is 2π)",
+    problems = {name: (value, why) for name, value, why, found in [
+        ("dilation", True, "HF's backbones have no dilated stage", getattr(args, "dilation", False)),
+        ("position_embedding_scale", args.position_embedding_scale, "HF's is 2π",
          not math.isclose(args.position_embedding_scale, 2 * math.pi)),
-        ("--num_feature_levels 1 (HF feeds the decoder three backbone stages)", args.num_feature_levels < 2),
-    ] if found]
+        ("num_feature_levels", args.num_feature_levels, "HF feeds the decoder three backbone stages",
+         args.num_feature_levels < 2),
+    ] if found}
     if problems:
-        raise InputError(f"HF's DETA cannot express {'; '.join(problems)}")
+        raise ArgumentError("HF's DETA cannot express " + "; ".join(f"{{{name}}} ({why})"
+                                                                    for name, (_, why) in problems.items()),
+                            **{name: value for name, (value, _) in problems.items()})
     num_classes = args.num_classes if args.num_classes is not None else COCO_NUM_CLASSES
     names = names or {}
     return {
@@ -264,4 +267,4 @@ def _backbone_config(backbone: str) -> dict[str, Any]:
         return {"model_type": "swin", "patch_size": 4, **{key: list(value) if isinstance(value, tuple) else value
                                                           for key, value in variant.items() if key != "model_name"},
                 **stages}
-    raise InputError(f"--backbone {backbone}: HF's DETA has no such backbone")
+    raise ArgumentError("{backbone}: HF's DETA has no such backbone", backbone=backbone)

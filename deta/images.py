@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from deta.errors import InputError
+from .errors import InputError
 
 FIX = "replace the file or drop it from the annotations"  # what to do about an unreadable image
 EXIF_ORIENTATION_TAG = 0x0112
