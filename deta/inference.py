@@ -101,11 +101,11 @@ class Detector:
         Images are file paths (EXIF orientation applied, as viewers show photos), PIL images (likewise),
         NumPy uint8 arrays H×W×3 in RGB order (as PIL, imageio and scikit-image give them; OpenCV gives BGR:
         convert with `cv2.cvtColor(image, cv2.COLOR_BGR2RGB)`) or H×W (grey), or 3×H×W RGB tensors, uint8 or
-        float in [0, 1] as torchvision's `to_tensor`/`ToDtype(scale=True)` give them. Up to `batch_size` images share a forward pass; the results do not depend on
-        it (beyond the rounding of batched matrix products). Each dict holds, on the CPU, torchvision's
-        detection fields `boxes` (N×4 float xyxy in the original image's pixels), `scores` (N, at least
-        `score_threshold`, best first) and `labels` (N, int64 class ids), plus `names` (N class names, the id
-        as text where the class has no name).
+        float in [0, 1] as torchvision's `to_tensor`/`ToDtype(scale=True)` give them. Up to `batch_size` images
+        share a forward pass; the results do not depend on it (beyond the rounding of batched matrix products).
+        Each dict holds, on the CPU, torchvision's detection fields `boxes` (N×4 float xyxy in the original
+        image's pixels), `scores` (N, at least `score_threshold`, best first) and `labels` (N, int64 class ids),
+        plus `names` (N class names, the id as text where the class has no name).
         """
         if batch_size < 1:
             raise InputError(f"batch_size {batch_size}: must be at least 1")
@@ -153,7 +153,7 @@ def _as_rgb(image: ImageInput) -> Image.Image:
         image = image.detach().cpu()
         if image.is_floating_point():
             low, high = image.aminmax()
-            if not (0 <= low and high <= 1):  # NaN fails both
+            if not (low >= 0 and high <= 1):  # NaN fails both
                 raise InputError(f"float image tensor with values in [{low:g}, {high:g}]: expected [0, 1] (as "
                                  "torchvision's to_tensor gives); divide 0..255 values by 255")
             # Scaled as torchvision's ToDtype(torch.uint8, scale=True): uint8 / 255 comes back exactly.
