@@ -40,6 +40,7 @@ from training.distributed import (
 from training.interrupts import Interrupted, LastCheckpoint, signals_raise
 from training.optim import build_optimizer, group_learning_rates
 from training.run_dir import choose_output_dir, make_writable_dir
+from training.run_lock import lock_output_dir, release_output_dirs
 from training.run_log import LOG_NAME, log_epoch, logged_epochs
 
 log = logging.getLogger("main")
@@ -209,6 +210,7 @@ def main(args: argparse.Namespace) -> None:
             print(f"error: {last.stop_message(interrupt, sys.argv)}", file=sys.stderr)
         sys.exit(128 + interrupt.signum)
     finally:
+        release_output_dirs()
         cleanup_distributed()
 
 
@@ -315,8 +317,9 @@ def _run(args: argparse.Namespace, last: LastCheckpoint) -> None:
 
 
 def _prepare_output_dir(args: argparse.Namespace) -> Path | None:
-    """This run's output folder (see training.run_dir), created and writable, the same on every process;
-    for training, cleared of the temporary files of a killed run's writes.
+    """This run's output folder (see training.run_dir), created, writable and locked against a second run (see
+    training.run_lock), the same on every process; for training, cleared of the temporary files of a killed
+    run's writes.
 
     Sets args.output_dir to it, so that the checkpoints' saved arguments name it.
     """
@@ -326,6 +329,7 @@ def _prepare_output_dir(args: argparse.Namespace) -> Path | None:
         try:
             if folder is not None:
                 make_writable_dir(folder, what)
+                lock_output_dir(folder, what)  # before anything in it is touched: another run may be writing
             decision = (folder, what, None)
         except InputError as err:
             decision = (folder, what, str(err))
