@@ -24,7 +24,7 @@ from datasets import DetectionLoader, build_dataset, resolve_num_classes
 from datasets.coco import category_names
 from deta import build_model
 from deta.checkpoint import class_head_size, load_checkpoint, load_model_weights
-from deta.errors import InputError
+from deta.errors import InputError, NoSpaceError
 from engine import NonFiniteLossError, evaluate, train_one_epoch
 from training.args_check import architecture_differences, validate_args
 from training.checkpointing import remove_stale_temporaries, rng_state, save_checkpoint, seed_everything, set_rng_state
@@ -187,9 +187,9 @@ def model_args(checkpoint: dict[str, Any], source: str, overrides: list[str]) ->
 def main(args: argparse.Namespace) -> None:
     """Train with evaluation after every epoch, or only evaluate with --eval.
 
-    Bad input ends the process with `error: <message>` and status 2, a non-finite loss with status 1,
-    SIGINT and SIGTERM with one line naming the last good checkpoint and the resume command, and status
-    128 + the signal number (130, 143).
+    Bad input ends the process with `error: <message>` and status 2, a non-finite loss with status 1, a full
+    disk with status 1 and one line naming the last good checkpoint and the resume command, SIGINT and
+    SIGTERM with such a line and status 128 + the signal number (130, 143).
     """
     last = LastCheckpoint()
     try:
@@ -204,6 +204,9 @@ def main(args: argparse.Namespace) -> None:
     except NonFiniteLossError as err:
         if get_rank() == 0:  # the loss is reduced over the processes: every one stops at the same step
             print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
+    except NoSpaceError as err:  # only the main process writes
+        print(f"error: {last.no_space_message(err, sys.argv)}", file=sys.stderr)
         sys.exit(1)
     except Interrupted as interrupt:
         if get_rank() == 0:  # every process stops; one says so

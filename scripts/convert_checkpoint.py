@@ -30,7 +30,7 @@ from deta.checkpoint import (
     save_hf_folder,
     state_dict_problems,
 )
-from deta.errors import InputError
+from deta.errors import InputError, NoSpaceError
 from deta.formats.hf import config_json
 from main import model_args
 
@@ -85,6 +85,9 @@ def main() -> None:
     except InputError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    except NoSpaceError as error:
+        print(f"error: {error.retry_message()}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

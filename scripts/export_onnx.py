@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from datasets.transforms import IMAGENET_MEAN, IMAGENET_STD
 from deta.checkpoint import input_file_at
-from deta.errors import InputError
+from deta.errors import InputError, NoSpaceError
 from deta.inference import Detector, main_flags
 from deta.onnx_export import DEFAULT_OPSET, export_onnx
 from deta.onnx_verify import verify_onnx
@@ -111,6 +111,9 @@ def main(argv: list[str] | None = None) -> None:
     except InputError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except NoSpaceError as err:
+        print(f"error: {err.retry_message()}", file=sys.stderr)
+        sys.exit(1)
     if not ok:
         print("error: ONNX Runtime and PyTorch disagree (see above)", file=sys.stderr)
         sys.exit(1)
