@@ -1,6 +1,8 @@
 """One run per output folder: a second run refuses, naming the first; a killed run does not block its resume."""
+import errno
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -75,3 +77,16 @@ def test_an_unreadable_holder_is_still_refused(tmp_path: Path) -> None:
         holder.kill()
         holder.wait()
         holder.stdout.close()
+
+
+def test_a_full_disk_at_the_start_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_space(descriptor: int, data: bytes, offset: int) -> int:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "pwrite", no_space)
+    monkeypatch.setattr(shutil, "disk_usage", lambda folder: shutil._ntuple_diskusage(2**40, 2**40, 0))
+    with pytest.raises(InputError) as error:
+        lock_output_dir(tmp_path, "--output_dir")
+    assert str(error.value) == (f"--output_dir {tmp_path}: no space left to write .run.lock in {tmp_path} (0 bytes "
+                                "free there); free some space there or pass another --output_dir")
+    assert not _locked_by_another(tmp_path)

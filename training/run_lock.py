@@ -15,7 +15,7 @@ import socket
 import time
 from pathlib import Path
 
-from deta.errors import InputError
+from deta.errors import InputError, NoSpaceError
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +46,13 @@ def lock_output_dir(folder: Path, what: str) -> None:
         log.warning(f"warning: {what} {folder}: cannot lock {path.name} ({err.strerror}); nothing stops a second "
                     "run from writing into this folder at the same time")
         return
-    os.ftruncate(descriptor, 0)
-    os.pwrite(descriptor, f"{socket.gethostname()} {os.getpid()}\n".encode(), 0)
+    try:
+        os.ftruncate(descriptor, 0)
+        os.pwrite(descriptor, f"{socket.gethostname()} {os.getpid()}\n".encode(), 0)
+    except OSError as err:  # a full disk, at the start of the run
+        os.close(descriptor)
+        reason = str(NoSpaceError(path)) if NoSpaceError.caused(err) else f"cannot write there ({err.strerror})"
+        raise InputError(f"{what} {folder}: {reason}; free some space there or pass another --output_dir") from err
     _held[folder] = descriptor
 
 
