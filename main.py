@@ -42,6 +42,7 @@ from training.optim import build_optimizer, group_learning_rates
 from training.run_dir import choose_output_dir, make_writable_dir
 from training.run_lock import lock_output_dir, release_output_dirs
 from training.run_log import LOG_NAME, log_epoch, logged_epochs
+from training.writing import write_on_main_process
 
 log = logging.getLogger("main")
 
@@ -205,8 +206,9 @@ def main(args: argparse.Namespace) -> None:
         if get_rank() == 0:  # the loss is reduced over the processes: every one stops at the same step
             print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
-    except NoSpaceError as err:  # only the main process writes
-        print(f"error: {last.no_space_message(err, sys.argv)}", file=sys.stderr)
+    except NoSpaceError as err:
+        if get_rank() == 0:  # the process that writes; the others stop with it (training.writing)
+            print(f"error: {last.no_space_message(err, sys.argv)}", file=sys.stderr)
         sys.exit(1)
     except Interrupted as interrupt:
         if get_rank() == 0:  # every process stops; one says so
@@ -307,12 +309,12 @@ def _run(args: argparse.Namespace, last: LastCheckpoint) -> None:
                                           writer=writer)
             lr_scheduler.step()
             rng_states = all_gather_object(rng_state(device))  # every process's, for an exact resume
-            if rank == 0:
-                save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                 "lr_scheduler": lr_scheduler.state_dict(), "epoch": epoch, "args": vars(args),
-                                 "rng_states": rng_states, "category_names": category_names(dataset_train.coco),
-                                 "train_stats": train_stats},
-                                output_dir, epoch, args.lr_drop)
+            write_on_main_process(save_checkpoint,
+                                  {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                   "lr_scheduler": lr_scheduler.state_dict(), "epoch": epoch, "args": vars(args),
+                                   "rng_states": rng_states, "category_names": category_names(dataset_train.coco),
+                                   "train_stats": train_stats},
+                                  output_dir, epoch, args.lr_drop)
             last.path, last.epoch, last.evaluated = output_dir / "checkpoint.pth", epoch, False
             _log_epoch(output_dir, writer, epoch, train_stats, run_evaluation())
             last.evaluated = True
@@ -451,10 +453,11 @@ def _apply_schedule_flags(optimizer: torch.optim.Optimizer, lr_scheduler: torch.
 
 def _log_epoch(output_dir: Path, writer: SummaryWriter | None, epoch: int, train_stats: dict[str, float],
                test_stats: dict[str, float]) -> None:
-    """The epoch's line in log.txt, and its test metrics in TensorBoard (by the main process, `writer` given)."""
+    """The epoch's line in log.txt, and its test metrics in TensorBoard (by the main process, `writer` given).
+    Every process calls this."""
+    write_on_main_process(log_epoch, output_dir, epoch, train_stats, test_stats)
     if writer is None:
         return
-    log_epoch(output_dir, epoch, train_stats, test_stats)
     for name, value in test_stats.items():
         writer.add_scalar(f"test/{name}", value, epoch)
     writer.flush()

@@ -4,7 +4,6 @@ import datetime
 import errno
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -138,18 +137,6 @@ def test_a_full_disk_is_one_line_with_the_space_left_and_keeps_the_previous_file
                                                 "there and run it again")
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pth"]
-
-
-@pytest.fixture
-def small_disk(tmp_path) -> Path:
-    """A 256 KiB tmpfs (skipped where mounting is not permitted)."""
-    folder = tmp_path / "small"
-    folder.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(folder)], capture_output=True,
-                      check=False).returncode != 0:
-        pytest.skip("mounting a tmpfs is not permitted here")
-    yield folder
-    subprocess.run(["umount", str(folder)], check=True)
 
 
 def test_a_real_full_disk_names_the_file_and_the_space_torch_save_left(small_disk):

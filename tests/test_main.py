@@ -506,6 +506,20 @@ def test_ctrl_c_under_torchrun_is_one_line_from_the_first_process(data_flags: li
     assert "Traceback" not in err.split("error: interrupted")[0]  # no process of ours printed one
 
 
+def test_a_full_disk_under_torchrun_is_one_line_from_the_first_process(data_flags: list[str],
+                                                                        small_disk: Path) -> None:
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    flags = [*TINY, *data_flags, "--epochs", "1", "--output_dir", str(small_disk)]
+    stopped = subprocess.run([*launcher, str(REPO / "main.py"), *flags], cwd=REPO, env=ENV, capture_output=True,
+                             text=True, timeout=300)
+    assert stopped.returncode == 1
+    (ours,) = [line for line in stopped.stderr.splitlines() if line.startswith("error: ")]
+    assert ours.startswith(f"error: no space left to write checkpoint.pth in {small_disk} (")
+    assert f"free some space there, then run again with: {shlex.join([*launcher, str(REPO / 'main.py')])}" in ours
+    assert "[rank" not in stopped.stderr  # no process of ours printed a traceback; both stopped with status 1
+    assert [p.name for p in small_disk.iterdir() if not p.name.startswith("events.out")] == [".run.lock"]
+
+
 class _UnreadableImages(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return 4
