@@ -15,6 +15,7 @@ from deta.checkpoint import save_text_atomically
 from training.coco_eval import coco_box_stats, coco_detections, gather_detections
 from training.distributed import is_main_process, reduce_mean
 from training.progress import Progress
+from training.writing import write_on_main_process
 
 log = logging.getLogger(__name__)
 
@@ -88,13 +89,15 @@ def evaluate(model: nn.Module, postprocessors: dict[str, nn.Module], data_loader
             image_id = int(target["image_id"])
             local[image_id] = coco_detections(image_id, result)
     detections = gather_detections(local)
-    if not is_main_process():
-        return {}
-    stats = coco_box_stats(coco_gt, detections)
+    stats = coco_box_stats(coco_gt, detections) if is_main_process() else {}
     if output_dir is not None:
-        save_text_atomically(json.dumps(detections), output_dir / "coco_results.json")
-        save_text_atomically(json.dumps(stats, indent=1), output_dir / "coco_stats.json")
+        write_on_main_process(_save_results, output_dir, detections, stats)
     return stats
+
+
+def _save_results(output_dir: Path, detections: list[dict], stats: dict[str, float]) -> None:
+    save_text_atomically(json.dumps(detections), output_dir / "coco_results.json")
+    save_text_atomically(json.dumps(stats, indent=1), output_dir / "coco_stats.json")
 
 
 def _to_device(images: list[Tensor], targets: list[dict[str, Any]],

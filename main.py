@@ -25,7 +25,7 @@ from datasets.coco import category_names
 from deta import build_model, optimize_for_inference
 from deta.checkpoint import class_head_size, load_checkpoint, load_model_weights
 from deta.config import add_model_args, architecture_differences, given_args, saved_args, take_saved
-from deta.errors import InputError, command_line_message
+from deta.errors import InputError, NoSpaceError, command_line_message
 from engine import NonFiniteLossError, evaluate, train_one_epoch
 from training.args_check import validate_args, validate_model_args
 from training.checkpointing import remove_stale_temporaries, rng_state, save_checkpoint, seed_everything, set_rng_state
@@ -41,7 +41,9 @@ from training.distributed import (
 from training.interrupts import Interrupted, LastCheckpoint, signals_raise
 from training.optim import build_optimizer, group_learning_rates
 from training.run_dir import choose_output_dir, make_writable_dir
+from training.run_lock import lock_output_dir, release_output_dirs
 from training.run_log import LOG_NAME, log_epoch, logged_epochs
+from training.writing import write_on_main_process
 
 log = logging.getLogger("main")
 
@@ -111,9 +113,9 @@ def main(args: argparse.Namespace, given: Collection[str] | None = None) -> None
     `given`: the names of the arguments that the command line gave (`parse_command_line`); with --resume, the
     model's arguments and the data paths that it does not give are the checkpoint's. None: all of them given.
 
-    Bad input ends the process with `error: <message>` and status 2, a non-finite loss with status 1,
-    SIGINT and SIGTERM with one line naming the last good checkpoint and the resume command, and status
-    128 + the signal number (130, 143).
+    Bad input ends the process with `error: <message>` and status 2, a non-finite loss with status 1, a full
+    disk with status 1 and one line naming the last good checkpoint and the resume command, SIGINT and
+    SIGTERM with such a line and status 128 + the signal number (130, 143).
     """
     last = LastCheckpoint()
     try:
@@ -129,11 +131,16 @@ def main(args: argparse.Namespace, given: Collection[str] | None = None) -> None
         if get_rank() == 0:  # the loss is reduced over the processes: every one stops at the same step
             print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
+    except NoSpaceError as err:
+        if get_rank() == 0:  # the process that writes; the others stop with it (training.writing)
+            print(f"error: {last.no_space_message(err, sys.argv)}", file=sys.stderr)
+        sys.exit(1)
     except Interrupted as interrupt:
         if get_rank() == 0:  # every process stops; one says so
             print(f"error: {last.stop_message(interrupt, sys.argv)}", file=sys.stderr)
         sys.exit(128 + interrupt.signum)
     finally:
+        release_output_dirs()
         cleanup_distributed()
 
 
@@ -234,12 +241,12 @@ def _run(args: argparse.Namespace, given: Collection[str] | None, last: LastChec
                                           writer=writer)
             lr_scheduler.step()
             rng_states = all_gather_object(rng_state(device))  # every process's, for an exact resume
-            if rank == 0:
-                save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                 "lr_scheduler": lr_scheduler.state_dict(), "epoch": epoch, "args": vars(args),
-                                 "rng_states": rng_states, "category_names": category_names(dataset_train.coco),
-                                 "train_stats": train_stats},
-                                output_dir, epoch, args.lr_drop)
+            write_on_main_process(save_checkpoint,
+                                  {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                   "lr_scheduler": lr_scheduler.state_dict(), "epoch": epoch, "args": vars(args),
+                                   "rng_states": rng_states, "category_names": category_names(dataset_train.coco),
+                                   "train_stats": train_stats},
+                                  output_dir, epoch, args.lr_drop)
             last.path, last.epoch, last.evaluated = output_dir / "checkpoint.pth", epoch, False
             _log_epoch(output_dir, writer, epoch, train_stats, run_evaluation())
             last.evaluated = True
@@ -247,8 +254,9 @@ def _run(args: argparse.Namespace, given: Collection[str] | None, last: LastChec
 
 
 def _prepare_output_dir(args: argparse.Namespace) -> Path | None:
-    """This run's output folder (see training.run_dir), created and writable, the same on every process;
-    for training, cleared of the temporary files of a killed run's writes.
+    """This run's output folder (see training.run_dir), created, writable and locked against a second run (see
+    training.run_lock), the same on every process; for training, cleared of the temporary files of a killed
+    run's writes.
 
     Sets args.output_dir to it, so that the checkpoints' saved arguments name it.
     """
@@ -258,6 +266,7 @@ def _prepare_output_dir(args: argparse.Namespace) -> Path | None:
         try:
             if folder is not None:
                 make_writable_dir(folder, what)
+                lock_output_dir(folder, what)  # before anything in it is touched: another run may be writing
             decision = (folder, what, None)
         except InputError as err:
             decision = (folder, what, str(err))
@@ -399,10 +408,11 @@ def _apply_schedule_flags(optimizer: torch.optim.Optimizer, lr_scheduler: torch.
 
 def _log_epoch(output_dir: Path, writer: SummaryWriter | None, epoch: int, train_stats: dict[str, float],
                test_stats: dict[str, float]) -> None:
-    """The epoch's line in log.txt, and its test metrics in TensorBoard (by the main process, `writer` given)."""
+    """The epoch's line in log.txt, and its test metrics in TensorBoard (by the main process, `writer` given).
+    Every process calls this."""
+    write_on_main_process(log_epoch, output_dir, epoch, train_stats, test_stats)
     if writer is None:
         return
-    log_epoch(output_dir, epoch, train_stats, test_stats)
     for name, value in test_stats.items():
         writer.add_scalar(f"test/{name}", value, epoch)
     writer.flush()

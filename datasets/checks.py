@@ -3,7 +3,8 @@
 The reasons are those of `coco.prepare_target` (the official semantics): crowd regions are dropped, boxes
 are clamped to the image and dropped when nothing is left. Here they are told apart so that a data set whose
 boxes vanish says so before training. Evaluation is not affected: pycocotools scores against the file as it
-is (crowd regions are ignored there, every other box counts).
+is (crowd regions are ignored there, every other box counts), with the area and iscrowd that
+`coco.load_coco` gives the annotations that lack them.
 """
 from collections import Counter
 from collections.abc import Iterable
@@ -25,6 +26,7 @@ class AnnotationSummary:
     dropped: Counter = field(default_factory=Counter)  # reason -> boxes
     images_without_boxes: int = 0
     images_without_size: int = 0  # no width/height in the JSON: boxes clamped only when the image loads
+    filled: Counter = field(default_factory=Counter)  # "area" / "iscrowd" -> annotations the file gave none
 
     def __str__(self) -> str:
         text = f"{_count(self.images, 'image')}, {_count(self.boxes, 'box')} kept"
@@ -35,6 +37,10 @@ class AnnotationSummary:
         if self.images_without_size:
             text += (f"; {_count(self.images_without_size, 'image')} without width/height in the JSON, whose size "
                      "is not checked against the file")
+        if self.filled:
+            values = {"area": "the box's area", "iscrowd": "iscrowd 0"}
+            text += "; the file lacks " + ", ".join(f"{key} in {_count(self.filled[key], 'annotation')} (given "
+                                                    f"{values[key]})" for key in values if self.filled[key])
         return text
 
 
@@ -42,9 +48,9 @@ def _count(number: int, noun: str) -> str:
     return f"{number} {noun}" + ("" if number == 1 else "es" if noun.endswith("x") else "s")
 
 
-def summarize(coco: COCO, image_ids: Iterable[int]) -> AnnotationSummary:
+def summarize(coco: COCO, image_ids: Iterable[int], filled: Counter | None = None) -> AnnotationSummary:
     """Boxes of `coco` that training keeps on the images `image_ids` (those of the data set), and the dropped
-    ones by reason."""
+    ones by reason; `filled`: the annotations given an area or iscrowd at load, by key."""
     image_ids = set(image_ids)
     dropped: Counter = Counter()
     owners, boxes, sizes = [], [], []
@@ -76,4 +82,5 @@ def summarize(coco: COCO, image_ids: Iterable[int]) -> AnnotationSummary:
         images=len(image_ids), boxes=int(inside.sum()),
         dropped=Counter({reason: dropped[reason] for reason in REASONS if dropped[reason]}),
         images_without_boxes=len(image_ids - with_boxes),
-        images_without_size=sum(1 for i in image_ids if not {"width", "height"} <= coco.imgs[i].keys()))
+        images_without_size=sum(1 for i in image_ids if not {"width", "height"} <= coco.imgs[i].keys()),
+        filled=Counter(filled or {}))

@@ -3,6 +3,7 @@ import contextlib
 import functools
 import io
 import json
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -23,12 +24,14 @@ from deta.errors import InputError
 from deta.images import follows_exif, header, open_image, orientation, to_rgb, turned_size, upright
 
 HEADER_READERS = 8  # threads reading image headers for --skip_mismatched_images
-# Keys every entry needs: pycocotools indexes by the ids, the target needs bbox, COCOeval needs area.
+# Keys every entry needs: pycocotools indexes by the ids, the target needs bbox. COCOeval also needs an
+# annotation's area and iscrowd, which several labelling tools leave out: those are filled in (`_fill_in`).
 REQUIRED_KEYS = {
     "images": ("id", "file_name"),
-    "annotations": ("id", "image_id", "category_id", "bbox", "area"),
+    "annotations": ("id", "image_id", "category_id", "bbox"),
     "categories": ("id",),
 }
+SECTION_NOUNS = {"images": "image", "annotations": "annotation", "categories": "category"}
 
 
 def _check_coco_format(data: Any, path: Path) -> None:
@@ -40,6 +43,7 @@ def _check_coco_format(data: Any, path: Path) -> None:
             missing = [key for key in keys if key not in entry]
             if missing:
                 raise InputError(f"{path}: {section}[{index}] lacks {', '.join(missing)}; fix the file")
+        _check_unique_ids(data[section], section, path)
     for index, image in enumerate(data["images"]):
         for key in ("width", "height"):
             if key in image and not (_is_whole(image[key]) and image[key] > 0):
@@ -53,6 +57,36 @@ def _check_coco_format(data: Any, path: Path) -> None:
         if isinstance(annotation["category_id"], bool) or not isinstance(annotation["category_id"], int):
             raise InputError(f"{path}: annotation id {annotation['id']} (annotations[{index}]) has category_id "
                              f"{_shown(annotation['category_id'])}, not an integer; fix the file")
+
+
+def _check_unique_ids(entries: list[dict], section: str, path: Path, shown: int = 5) -> None:
+    """pycocotools keeps the last of the entries sharing an id: a duplicated image id would silently draw one
+    picture's boxes onto another, so duplicates are an error naming them."""
+    places: dict[Any, list[int]] = {}
+    for index, entry in enumerate(entries):
+        places.setdefault(_shown(entry["id"]), []).append(index)
+    duplicated = [(shown_id, indices) for shown_id, indices in places.items() if len(indices) > 1]
+    if duplicated:
+        listed = "; ".join(f"{shown_id} ({', '.join(f'{section}[{i}]' for i in indices)})"
+                           for shown_id, indices in duplicated[:shown])
+        more = f"; and {len(duplicated) - shown} more" if len(duplicated) > shown else ""
+        raise InputError(f"{path}: duplicated {SECTION_NOUNS[section]} ids {listed}{more}; each entry of {section} "
+                         "needs its own id (pycocotools would keep only the last); fix the file")
+
+
+def _fill_in(annotations: list[dict]) -> Counter:
+    """Give the annotations that lack them `area` (the box's) and `iscrowd` (0), as COCOeval needs; returns how
+    many got each."""
+    filled: Counter = Counter()
+    for annotation in annotations:
+        if "area" not in annotation:
+            _, _, width, height = annotation["bbox"]
+            annotation["area"] = float(max(width, 0) * max(height, 0))
+            filled["area"] += 1
+        if "iscrowd" not in annotation:
+            annotation["iscrowd"] = 0
+            filled["iscrowd"] += 1
+    return filled
 
 
 def _is_number(value: Any) -> bool:
@@ -77,19 +111,23 @@ def _load_coco(path: Path, mtime_ns: int) -> COCO:
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise InputError(f"{path}: not valid JSON ({err}); pass a COCO-format annotation file") from err
     _check_coco_format(data, path)
-    return _index(data)
+    return _index(data, _fill_in(data["annotations"]))
 
 
-def _index(data: dict) -> COCO:
+def _index(data: dict, filled: Counter) -> COCO:
+    """pycocotools' index of `data`; `filled` (annotations given an area or iscrowd, by key) becomes its
+    `filled` attribute, for the data set's summary."""
     coco = COCO()
     coco.dataset = data
+    coco.filled = filled
     with contextlib.redirect_stdout(io.StringIO()):  # createIndex prints its progress
         coco.createIndex()
     return coco
 
 
 def load_coco(path: str | Path) -> COCO:
-    """Parse and index a COCO annotation file.
+    """Parse, check and index a COCO annotation file; annotations without `area` or `iscrowd` get the box's area
+    and iscrowd 0 (counted in the index's `filled`), so that evaluation scores against those values.
 
     Cached (keyed on path and modification time) because the class count and the data set read the
     same file, and COCO's training JSON takes many seconds to parse.
@@ -166,7 +204,7 @@ class CocoDetection(Dataset):
         mismatched = set(self._mismatched()) if skip_mismatched else set()
         self.skipped = [self.coco.imgs[i]["file_name"] for i in sorted(mismatched)]
         self.ids = [i for i in self.ids if i not in mismatched]
-        self.summary = summarize(self.coco, self.ids)
+        self.summary = summarize(self.coco, self.ids, self.coco.filled)
         if mismatched:
             self.coco = _without_images(self.coco, mismatched)
         self.transforms = transforms
@@ -211,4 +249,4 @@ def _without_images(coco: COCO, image_ids: set[int]) -> COCO:
     """A new index of `coco`'s data without these images and their annotations."""
     data = {**coco.dataset, "images": [i for i in coco.dataset["images"] if i["id"] not in image_ids],
             "annotations": [a for a in coco.dataset["annotations"] if a["image_id"] not in image_ids]}
-    return _index(data)
+    return _index(data, coco.filled)

@@ -19,7 +19,7 @@ from safetensors.torch import load_file as load_safetensors
 from safetensors.torch import save as safetensors_bytes
 from torch import Tensor, nn
 
-from .errors import InputError
+from .errors import InputError, NoSpaceError
 from .formats import SOURCE_FORMATS, TARGET_FORMATS, detect_format, from_ours, to_ours
 from .formats.hf import category_names as hf_category_names
 from .formats.hf import model_args as hf_model_args
@@ -159,7 +159,8 @@ def load_model_weights(model: nn.Module, state_dict: Mapping[str, Tensor], finet
 def save_atomically(obj: object, path: str | os.PathLike,
                     write: Callable[[object, BinaryIO], object] = torch.save) -> None:
     """write(obj, file) (torch.save by default) through a temporary file in the same folder, so `path` is
-    never half-written."""
+    never half-written. A write that fails for lack of space raises NoSpaceError (the file as it was, no
+    temporary left)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -173,8 +174,10 @@ def save_atomically(obj: object, path: str | os.PathLike,
         os.umask(umask)
         os.chmod(temporary, 0o666 & ~umask)
         os.replace(temporary, path)
-    except BaseException:
+    except BaseException as error:
         Path(temporary).unlink(missing_ok=True)
+        if NoSpaceError.caused(error):
+            raise NoSpaceError(path) from error
         raise
 
 

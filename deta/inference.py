@@ -12,6 +12,7 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor, nn
@@ -26,7 +27,7 @@ from .images import read_rgb, to_rgb, upright
 from .optimize import optimize_for_inference
 from .preprocess import eval_transform
 
-ImageInput = str | os.PathLike | Image.Image | Tensor
+ImageInput = str | os.PathLike | Image.Image | np.ndarray | Tensor
 Detections = dict[str, Any]
 
 
@@ -84,12 +85,14 @@ class Detector:
                 batch_size: int = 4) -> Detections | list[Detections]:
         """Detections of one image (a dict) or of a list of images (a list of dicts, in order).
 
-        Images are file paths (EXIF orientation applied, as viewers show photos), PIL images (likewise) or
-        uint8 3×H×W RGB tensors. Up to `batch_size` images share a forward pass; the results do not depend on
-        it (beyond the rounding of batched matrix products). Each dict holds, on the CPU, torchvision's
-        detection fields `boxes` (N×4 float xyxy in the original image's pixels), `scores` (N, at least
-        `score_threshold`, best first) and `labels` (N, int64 class ids), plus `names` (N class names, the id
-        as text where the class has no name).
+        Images are file paths (EXIF orientation applied, as viewers show photos), PIL images (likewise),
+        NumPy uint8 arrays H×W×3 in RGB order (as PIL, imageio and scikit-image give them; OpenCV gives BGR:
+        convert with `cv2.cvtColor(image, cv2.COLOR_BGR2RGB)`) or H×W (grey), or 3×H×W RGB tensors, uint8 or
+        float in [0, 1] as torchvision's `to_tensor`/`ToDtype(scale=True)` give them. Up to `batch_size` images
+        share a forward pass; the results do not depend on it (beyond the rounding of batched matrix products).
+        Each dict holds, on the CPU, torchvision's detection fields `boxes` (N×4 float xyxy in the original
+        image's pixels), `scores` (N, at least `score_threshold`, best first) and `labels` (N, int64 class ids),
+        plus `names` (N class names, the id as text where the class has no name).
         """
         if batch_size < 1:
             raise InputError(f"batch_size {batch_size}: must be at least 1")
@@ -123,13 +126,28 @@ def _as_rgb(image: ImageInput) -> Image.Image:
         return read_rgb(image, fix="pass a readable image file")
     if isinstance(image, Image.Image):
         return to_rgb(upright(image))
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or not (image.ndim == 2 or (image.ndim == 3 and image.shape[2] == 3)):
+            raise InputError(f"image array of {image.dtype} with shape {image.shape}: expected uint8 H×W×3 RGB "
+                             "(from OpenCV's BGR: cv2.cvtColor(image, cv2.COLOR_BGR2RGB)) or H×W grey; pass "
+                             "several images as a list")
+        # A copy in C order: flipped views such as image[..., ::-1] (BGR to RGB) have negative strides.
+        return to_rgb(Image.fromarray(np.ascontiguousarray(image)))
     if isinstance(image, Tensor):
-        if image.dtype != torch.uint8 or image.dim() != 3 or image.shape[0] != 3:
-            raise InputError(f"image tensor of {image.dtype} with shape {tuple(image.shape)}: expected uint8 "
-                             "3×H×W RGB; pass several images as a list")
-        return F.to_pil_image(image.cpu())
-    raise InputError(f"image of type {type(image).__name__}: expected a file path, a PIL image or a uint8 "
-                     "3×H×W tensor")
+        if image.dim() != 3 or image.shape[0] != 3 or not (image.dtype == torch.uint8 or image.is_floating_point()):
+            raise InputError(f"image tensor of {image.dtype} with shape {tuple(image.shape)}: expected 3×H×W RGB, "
+                             "uint8 or float in [0, 1]; pass several images as a list")
+        image = image.detach().cpu()
+        if image.is_floating_point():
+            low, high = image.aminmax()
+            if not (low >= 0 and high <= 1):  # NaN fails both
+                raise InputError(f"float image tensor with values in [{low:g}, {high:g}]: expected [0, 1] (as "
+                                 "torchvision's to_tensor gives); divide 0..255 values by 255")
+            # Scaled as torchvision's ToDtype(torch.uint8, scale=True): uint8 / 255 comes back exactly.
+            image = F.to_dtype(image, torch.uint8, scale=True)
+        return F.to_pil_image(image)
+    raise InputError(f"image of type {type(image).__name__}: expected a file path, a PIL image, a uint8 H×W×3 "
+                     "RGB NumPy array or a 3×H×W tensor")
 
 
 def class_names(checkpoint: dict, names_json: str | os.PathLike | None, num_classes: int) -> dict[int, str]:

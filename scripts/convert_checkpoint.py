@@ -31,7 +31,7 @@ from deta.checkpoint import (
     state_dict_problems,
 )
 from deta.config import checkpoint_args, model_flags
-from deta.errors import InputError, command_line_message
+from deta.errors import InputError, NoSpaceError, command_line_message
 from deta.formats.hf import config_json
 
 
@@ -85,6 +85,9 @@ def main() -> None:
     except InputError as error:
         print(f"error: {command_line_message(error)}", file=sys.stderr)
         sys.exit(2)
+    except NoSpaceError as error:
+        print(f"error: {error.retry_message()}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

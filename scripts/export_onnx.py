@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from deta.checkpoint import input_file_at
 from deta.config import model_flags
-from deta.errors import InputError, command_line_message
+from deta.errors import InputError, NoSpaceError, command_line_message
 from deta.inference import Detector
 from deta.onnx_export import DEFAULT_OPSET, export_onnx
 from deta.onnx_verify import verify_onnx
@@ -112,6 +112,9 @@ def main(argv: list[str] | None = None) -> None:
     except InputError as err:
         print(f"error: {command_line_message(err)}", file=sys.stderr)
         sys.exit(2)
+    except NoSpaceError as err:
+        print(f"error: {err.retry_message()}", file=sys.stderr)
+        sys.exit(1)
     if not ok:
         print("error: ONNX Runtime and PyTorch disagree (see above)", file=sys.stderr)
         sys.exit(1)

@@ -11,7 +11,7 @@ for evaluation (--eval_size, --max_size); photos are turned upright by their EXI
 Writes DIR/NAME.png for each image, with the detections scoring at least the threshold drawn (class
 name and score), DIR/detections.json with the same detections in the COCO results format, and
 DIR/images.json with the image id, file, width and height of each image. Unreadable images are
-reported by name and skipped.
+reported by name and skipped. Each file is written whole or not at all (a full disk is a one-line error).
 """
 import argparse
 import json
@@ -27,8 +27,9 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from deta.checkpoint import save_atomically, save_text_atomically
 from deta.config import model_flags
-from deta.errors import InputError, command_line_message
+from deta.errors import InputError, NoSpaceError, command_line_message
 from deta.images import read_rgb
 from deta.inference import Detector
 from training.coco_eval import coco_detections
@@ -105,13 +106,14 @@ def predict(checkpoint_path: str, inputs: list[str], out_dir: Path, score_thresh
             unreadable.append(path)
             continue
         kept = coco_detections(image_id, detector.predict(image, score_threshold))
-        draw(image, kept, detector.class_names).save(out_dir / drawing)
+        save_atomically(draw(image, kept, detector.class_names), out_dir / drawing,
+                        lambda picture, file: picture.save(file, format="PNG"))
         images.append({"id": image_id, "file_name": str(path), "width": image.width, "height": image.height})
         detections += kept
     if not images:
         raise InputError(f"none of the {len(paths)} images could be read")
-    (out_dir / "detections.json").write_text(json.dumps(detections))
-    (out_dir / "images.json").write_text(json.dumps(images, indent=1))
+    save_text_atomically(json.dumps(detections), out_dir / "detections.json")
+    save_text_atomically(json.dumps(images, indent=1), out_dir / "images.json")
     print(f"wrote {len(images)} drawings and {len(detections)} detections (score >= {score_threshold}) to {out_dir}"
           + (f"; skipped {len(unreadable)} unreadable: {', '.join(map(str, unreadable))}" if unreadable else ""))
 
@@ -145,6 +147,9 @@ def main(argv: list[str] | None = None) -> None:
     except InputError as err:
         print(f"error: {command_line_message(err)}", file=sys.stderr)
         sys.exit(2)
+    except NoSpaceError as err:
+        print(f"error: {err.retry_message()}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

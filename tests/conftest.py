@@ -1,4 +1,5 @@
 """Tests import the repo's top-level modules (main, engine, deta, ...) and the fixtures beside them."""
+import subprocess
 import sys
 from pathlib import Path
 
@@ -37,3 +38,15 @@ def tiny_onnx(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -
     out = tmp_path_factory.mktemp("tiny_onnx") / "tiny.onnx"
     export_onnx.main(["--resume", str(tiny_checkpoint), "--out", str(out), "--postprocess", "--num_detections", "50"])
     return out
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Path:
+    """A folder on its own 256 KiB tmpfs, to fill up for real (skipped where mounting is not permitted)."""
+    folder = tmp_path / "small_disk"
+    folder.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(folder)], capture_output=True,
+                      check=False).returncode != 0:
+        pytest.skip("mounting a tmpfs is not permitted here")
+    yield folder
+    subprocess.run(["umount", str(folder)], check=True)

@@ -1,6 +1,7 @@
 """Reading, checking and writing checkpoints: clear errors and nothing half-written."""
 import argparse
 import datetime
+import errno
 import os
 import shutil
 import sys
@@ -19,7 +20,7 @@ from deta.checkpoint import (
     save_atomically,
     to_official,
 )
-from deta.errors import InputError
+from deta.errors import InputError, NoSpaceError
 from main import get_args_parser
 from scripts import convert_checkpoint
 
@@ -116,6 +117,39 @@ def test_atomic_save_leaves_the_previous_file_intact_on_failure(tmp_path):
         save_atomically({"epoch": 2, "bad": Unpicklable()}, path)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pth"]
+
+
+def _fill_the_disk(obj: object, file) -> None:
+    file.write(b"the first part of a checkpoint")
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_a_full_disk_is_one_line_with_the_space_left_and_keeps_the_previous_file(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint.pth"
+    save_atomically({"epoch": 1}, path)
+    before = path.read_bytes()
+    monkeypatch.setattr(shutil, "disk_usage", lambda folder: shutil._ntuple_diskusage(10 * 2**30, 10 * 2**30 - 12345,
+                                                                                       12345))
+    with pytest.raises(NoSpaceError) as error:
+        save_atomically({"epoch": 2}, path, _fill_the_disk)
+    assert str(error.value) == f"no space left to write checkpoint.pth in {tmp_path} (12.1 KiB free there)"
+    assert error.value.retry_message().endswith("; an earlier checkpoint.pth there is unchanged; free some space "
+                                                "there and run it again")
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pth"]
+
+
+def test_a_real_full_disk_names_the_file_and_the_space_torch_save_left(small_disk):
+    path = small_disk / "checkpoint.pth"
+    save_atomically({"weights": torch.zeros(1000)}, path)
+    before = path.read_bytes()
+    free = shutil.disk_usage(small_disk).free
+    with pytest.raises(NoSpaceError) as error:  # torch raises a RuntimeError while handling the OSError
+        save_atomically({"weights": torch.zeros(100_000)}, path)
+    assert str(error.value) == (f"no space left to write checkpoint.pth in {small_disk} ({free / 1024:.1f} KiB free "
+                                "there)")
+    assert path.read_bytes() == before
+    assert [p.name for p in small_disk.iterdir()] == ["checkpoint.pth"]
 
 
 @pytest.fixture(scope="module")

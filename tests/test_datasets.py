@@ -18,6 +18,7 @@ from deta.box_ops import box_cxcywh_to_xyxy
 from deta.errors import InputError
 from deta.images import EXIF_ORIENTATION_TAG
 from deta.preprocess import IMAGENET_MEAN, IMAGENET_STD, resized_shape
+from training import coco_eval
 
 # main.py's data flags, with sizes small enough for CPU tests
 DEFAULTS = {"coco_path": None, "train_json": None, "train_images": None, "val_json": None, "val_images": None,
@@ -326,7 +327,8 @@ def phone_photo(folder, json_size):
     Image.fromarray(pixels).save(folder / "images" / "phone.jpg", exif=exif, quality=100)
     size = {"width": json_size[0], "height": json_size[1]} if json_size else {}
     data = {"images": [{"id": 1, "file_name": "phone.jpg", **size}], "categories": [{"id": 1}],
-            "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "area": 128.0, "bbox": [0, 0, 16, 8]}]}
+            "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "area": 128.0, "iscrowd": 0,
+                             "bbox": [0, 0, 16, 8]}]}
     (folder / "ann.json").write_text(json.dumps(data))
     return folder / "ann.json", folder / "images"
 
@@ -463,3 +465,51 @@ def test_bad_train_sizes_name_the_flag(shapes):
     for sizes in ("64,abc", "", "0,64"):
         args = make_args(shapes, ["train"], train_sizes=sizes)
         assert_input_error(lambda args=args: build_dataset("train", args), "--train_sizes")
+
+
+@pytest.mark.parametrize(("section", "noun", "index"), [("images", "image", 2), ("annotations", "annotation", 1),
+                                                        ("categories", "category", 0)])
+def test_duplicated_ids_name_the_file_and_the_ids(shapes, tmp_path, section, noun, index):
+    data = json.loads(shapes["train_json"].read_text())
+    duplicated = data[section][index]["id"]
+    data[section][index + 1]["id"] = duplicated
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(data))
+    args = make_args(shapes, ["train"], train_json=str(bad), num_classes=6)
+    assert_input_error(lambda: build_dataset("train", args), bad,
+                       f"duplicated {noun} ids {duplicated} ({section}[{index}], {section}[{index + 1}]);")
+
+
+def _strip(data: dict, *keys: str) -> dict:
+    return {**data, "annotations": [{k: v for k, v in a.items() if k not in keys} for a in data["annotations"]]}
+
+
+def test_annotations_without_area_or_iscrowd_are_filled_in_said_and_evaluated_so(shapes, tmp_path, caplog):
+    data = json.loads(shapes["val_json"].read_text())
+    boxed = {**data, "annotations": [{**a, "area": a["bbox"][2] * a["bbox"][3], "iscrowd": 0}
+                                     for a in data["annotations"]]}
+    count = len(data["annotations"])
+    (tmp_path / "boxed.json").write_text(json.dumps(boxed))
+    (tmp_path / "bare.json").write_text(json.dumps(_strip(data, "area", "iscrowd")))
+    (tmp_path / "no_area.json").write_text(json.dumps(_strip(boxed, "area")))
+    datasets = {}
+    for name in ("boxed", "bare", "no_area"):
+        with caplog.at_level("INFO"):
+            caplog.clear()
+            datasets[name] = build_dataset("val", make_args(shapes, ["val"], val_json=str(tmp_path / f"{name}.json"),
+                                                            num_classes=6))
+        (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("val data ")]
+        datasets[name].line = line
+    assert "lacks" not in datasets["boxed"].line
+    assert datasets["bare"].line.endswith(f"; the file lacks area in {count} annotations (given the box's area), "
+                                          f"iscrowd in {count} annotations (given iscrowd 0)")
+    assert datasets["no_area"].line.endswith(f"; the file lacks area in {count} annotations (given the box's area)")
+    # Detections: the true boxes shifted by a few pixels, so that AP depends on each box's size.
+    detections = [{"image_id": a["image_id"], "category_id": a["category_id"], "score": 1 - 0.01 * i,
+                   "bbox": [a["bbox"][0] + 3, a["bbox"][1] + 2, *a["bbox"][2:]]}
+                  for i, a in enumerate(data["annotations"])]
+    for backend in coco_eval.BACKENDS:
+        reference = coco_eval.coco_box_stats(datasets["boxed"].coco, detections, backend)
+        assert 0 < reference["AP"] < 1
+        for name in ("bare", "no_area"):
+            assert coco_eval.coco_box_stats(datasets[name].coco, detections, backend) == reference, (backend, name)

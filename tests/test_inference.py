@@ -3,6 +3,7 @@ import argparse
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -119,8 +120,28 @@ def test_a_checkpoint_without_arguments_needs_the_model_flags(tiny_checkpoint: P
     assert detector.args.num_classes == 6 and detector.class_names == {}  # head size read from the weights
 
 
+def test_numpy_arrays_and_float_tensors_give_what_the_file_gives(images: list[Path], detector: deta.Detector) -> None:
+    expected = detector.predict(images[0])
+    rgb = np.array(read_rgb(images[0]))
+    bgr = np.ascontiguousarray(rgb[..., ::-1])  # as cv2.imread gives it
+    inputs = {"H×W×3 uint8 RGB array": rgb, "OpenCV's BGR flipped to RGB (a negative-stride view)": bgr[..., ::-1],
+              "float tensor in [0, 1]": torch.from_numpy(rgb).permute(2, 0, 1) / 255}
+    for kind, image in inputs.items():
+        actual = detector.predict(image)
+        for key in ("boxes", "scores", "labels"):
+            assert torch.equal(actual[key], expected[key]), kind
+    assert not torch.equal(detector.predict(bgr)["scores"], expected["scores"])  # channel order matters
+    grey = np.asarray(read_rgb(images[0]).convert("L"))
+    from_pil = detector.predict(Image.fromarray(grey))
+    assert torch.equal(detector.predict(grey)["scores"], from_pil["scores"])
+
+
 @pytest.mark.parametrize(("image", "message"), [
-    (torch.zeros(3, 8, 8), "image tensor of torch.float32"),
+    (torch.full((3, 8, 8), 255.0), r"float image tensor with values in \[255, 255\]: expected \[0, 1\]"),
+    (torch.full((3, 8, 8), torch.nan), r"values in \[nan, nan\]"),
+    (torch.zeros(3, 8, 8, dtype=torch.int32), "image tensor of torch.int32"),
+    (np.zeros((8, 8, 4), dtype=np.uint8), r"image array of uint8 with shape \(8, 8, 4\): expected uint8 H×W×3 RGB"),
+    (np.zeros((8, 8, 3)), "image array of float64"),
     (torch.zeros(2, 3, 8, 8, dtype=torch.uint8), "pass several images as a list"),
     ("missing.png", "missing.png: cannot read image"),
     (3, "image of type int"),

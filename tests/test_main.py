@@ -1,5 +1,6 @@
 """main.py end to end: training, checkpoints and resume, torchrun, evaluation of checkpoints, errors."""
 import argparse
+import errno
 import json
 import os
 import re
@@ -453,8 +454,64 @@ def test_a_signal_during_a_checkpoint_write_leaves_the_last_one_and_says_how_to_
         f"error: interrupted by {signal.Signals(signum).name}; the last good checkpoint is {checkpoint} (epoch 0); "
         f"resume with: {resume}\n")
     assert checkpoint.read_bytes() == before
-    assert {p.name for p in tmp_path.iterdir() if not p.name.startswith("events.out")} == {"checkpoint.pth", "log.txt"}
+    assert {p.name for p in tmp_path.iterdir() if not p.name.startswith("events.out")} == {"checkpoint.pth", "log.txt",
+                                                                                           ".run.lock"}
     assert [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)] == handlers
+
+
+def fill_the_disk_at(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Writes of the file `name` fail with ENOSPC (when flushed to the disk, as they may on a full one), and
+    shutil.disk_usage says 12345 bytes are free."""
+    fsync = os.fsync
+
+    def no_space_for_name(descriptor: int) -> None:
+        if Path(os.readlink(f"/proc/self/fd/{descriptor}")).name.startswith(f".{name}."):  # save_atomically's
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        fsync(descriptor)
+
+    monkeypatch.setattr(os, "fsync", no_space_for_name)
+    monkeypatch.setattr(shutil, "disk_usage", lambda folder: shutil._ntuple_diskusage(2**40, 2**40 - 12345, 12345))
+
+
+@pytest.mark.parametrize(("name", "last_good"), [
+    ("checkpoint.pth", "the last good checkpoint {folder}/checkpoint.pth (epoch 0) is intact"),
+    ("log.txt", "the last good checkpoint {folder}/checkpoint.pth (epoch 1, whose evaluation was cut short and runs "
+                "first on resume) is intact"),
+], ids=["checkpoint", "log"])
+def test_a_full_disk_is_one_line_naming_the_last_good_checkpoint_and_the_resume(
+        name: str, last_good: str, data_flags: list[str], one_epoch: Path, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    checkpoint = _copy_run(one_epoch, tmp_path)
+    before = {path: path.read_bytes() for path in (checkpoint, tmp_path / "log.txt")}
+    fill_the_disk_at(name, monkeypatch)
+    flags = [*TINY, *data_flags, "--epochs", "2"]
+    monkeypatch.setattr(sys, "argv", ["main.py", *flags, "--resume", str(checkpoint), "--output_dir", str(tmp_path)])
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(*flags, "--resume", str(checkpoint), "--output_dir", str(tmp_path))
+    assert exit_info.value.code == 1
+    resume = shlex.join([sys.executable, "main.py", *flags, "--output_dir", str(tmp_path), "--resume", str(checkpoint)])
+    assert _one_line(capsys.readouterr().err) == (
+        f"error: no space left to write {name} in {tmp_path} (12.1 KiB free there); "
+        f"{last_good.format(folder=tmp_path)}; free some space there, then resume with: {resume}\n")
+    assert (tmp_path / "log.txt").read_bytes() == before[tmp_path / "log.txt"]
+    assert (checkpoint.read_bytes() == before[checkpoint]) == (name == "checkpoint.pth")
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_a_full_disk_under_eval_is_one_line_with_the_command_to_run_again(
+        data_flags: list[str], one_epoch: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture) -> None:
+    fill_the_disk_at("coco_results.json", monkeypatch)
+    flags = [*TINY, *data_flags, "--eval", "--resume", str(one_epoch / "checkpoint.pth"), "--output_dir",
+             str(tmp_path)]
+    monkeypatch.setattr(sys, "argv", ["main.py", *flags])
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(*flags)
+    assert exit_info.value.code == 1
+    assert _one_line(capsys.readouterr().err) == (
+        f"error: no space left to write coco_results.json in {tmp_path} (12.1 KiB free there); free some space "
+        f"there, then run again with: {shlex.join([sys.executable, 'main.py', *flags])}\n")
+    assert not list(tmp_path.glob("*.json")) and not list(tmp_path.glob(".*.tmp"))
 
 
 def test_resume_finishes_the_evaluation_a_kill_cut_short(data_flags: list[str], tmp_path: Path,
@@ -519,6 +576,20 @@ def test_ctrl_c_under_torchrun_is_one_line_from_the_first_process(data_flags: li
     assert ours.startswith("error: interrupted by SIGINT; there is no checkpoint to resume from, run again with: "
                            f"{shlex.join([*launcher, str(REPO / 'main.py')])}")
     assert "Traceback" not in err.split("error: interrupted")[0]  # no process of ours printed one
+
+
+def test_a_full_disk_under_torchrun_is_one_line_from_the_first_process(data_flags: list[str],
+                                                                        small_disk: Path) -> None:
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    flags = [*TINY, *data_flags, "--epochs", "1", "--output_dir", str(small_disk)]
+    stopped = subprocess.run([*launcher, str(REPO / "main.py"), *flags], cwd=REPO, env=ENV, capture_output=True,
+                             text=True, timeout=300)
+    assert stopped.returncode == 1
+    (ours,) = [line for line in stopped.stderr.splitlines() if line.startswith("error: ")]
+    assert ours.startswith(f"error: no space left to write checkpoint.pth in {small_disk} (")
+    assert f"free some space there, then run again with: {shlex.join([*launcher, str(REPO / 'main.py')])}" in ours
+    assert "[rank" not in stopped.stderr  # no process of ours printed a traceback; both stopped with status 1
+    assert [p.name for p in small_disk.iterdir() if not p.name.startswith("events.out")] == [".run.lock"]
 
 
 class _UnreadableImages(torch.utils.data.Dataset):

@@ -7,6 +7,7 @@ import pytest
 import torch
 from PIL import Image
 from pycocotools.coco import COCO
+from test_main import fill_the_disk_at
 
 from datasets.synthetic import CATEGORIES, generate
 from deta.coco_categories import COCO_CATEGORY_NAMES
@@ -119,3 +120,20 @@ def test_a_checkpoint_without_class_names_is_one_warning_line(images: Path, chec
     (line,) = [line for line in stderr.splitlines() if "names none" in line]
     assert line.startswith("warning: the checkpoint names none of its 6 classes; names are the category ids")
     assert "UserWarning" not in stderr and "from_checkpoint(" not in stderr  # no Python warning display
+
+
+@pytest.mark.parametrize("name", ["000001.png", "detections.json"])
+def test_a_full_disk_is_one_line_and_leaves_whole_files(images: Path, checkpoint: Path, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture,
+                                                         name: str) -> None:
+    (tmp_path / name).write_bytes(b"an earlier output")
+    fill_the_disk_at(name, monkeypatch)
+    with pytest.raises(SystemExit) as exit_info:
+        predict.main(["--resume", str(checkpoint), str(images), "--out", str(tmp_path)])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert err == (f"error: no space left to write {name} in {tmp_path} (12.1 KiB free there); an earlier {name} "
+                   "there is unchanged; free some space there and run it again")
+    assert (tmp_path / name).read_bytes() == b"an earlier output"
+    assert _pixels(tmp_path / "000000.png").shape == _pixels(images / "000000.png").shape  # whole, written before
+    assert not list(tmp_path.glob(".*.tmp"))

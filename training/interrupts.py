@@ -2,7 +2,8 @@
 
 Both become an exception in the main thread, so whatever is being written is abandoned through
 `save_atomically`'s cleanup (no half-written file, no stale temporary), and the run ends with one line
-saying where its last good checkpoint is and the command that resumes from it.
+saying where its last good checkpoint is and the command that resumes from it. A disk that fills up ends a
+run the same way (`LastCheckpoint.no_space_message`).
 """
 import contextlib
 import os
@@ -13,6 +14,8 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from deta.errors import NoSpaceError
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 # Flags the resume command sets itself (--finetune and --start_epoch do not go with --resume).
@@ -72,9 +75,20 @@ class LastCheckpoint:
         if self.path is None or self.output_dir is None:
             return (f"interrupted by {interrupt}; there is no checkpoint to resume from, run again with: "
                     f"{shlex.join([*_launcher(argv), *argv])}")
-        undone = "" if self.evaluated else ", whose evaluation was cut short and runs first on resume"
-        return (f"interrupted by {interrupt}; the last good checkpoint is {self.path} (epoch {self.epoch}{undone}); "
+        return (f"interrupted by {interrupt}; the last good checkpoint is {self.path} ({self._state()}); "
                 f"resume with: {resume_command(argv, self.output_dir, self.path)}")
+
+    def no_space_message(self, error: NoSpaceError, argv: list[str]) -> str:
+        """One line: what could not be written where, the space left, the last good checkpoint (intact: every
+        write is atomic) and the command that resumes from it once there is room."""
+        if self.path is None or self.output_dir is None:
+            return f"{error}; free some space there, then run again with: {shlex.join([*_launcher(argv), *argv])}"
+        return (f"{error}; the last good checkpoint {self.path} ({self._state()}) is intact; free some space there, "
+                f"then resume with: {resume_command(argv, self.output_dir, self.path)}")
+
+    def _state(self) -> str:
+        undone = "" if self.evaluated else ", whose evaluation was cut short and runs first on resume"
+        return f"epoch {self.epoch}{undone}"
 
 
 def resume_command(argv: list[str], output_dir: Path, checkpoint: Path) -> str:
