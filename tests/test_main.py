@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from local_http import Routes, serve
 
 import main as main_module
 from datasets.loading import DetectionLoader
@@ -187,10 +188,16 @@ def test_eval_of_an_official_checkpoint(data_flags: list[str], one_epoch: Path, 
         (tmp_path / "official" / "coco_results.json").read_text()
 
 
-def test_finetune_replaces_a_class_head_of_another_size(data_flags: list[str], one_epoch: Path,
-                                                        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    run_main(*TINY, *data_flags, "--epochs", "1", "--num_classes", "9", "--finetune", str(one_epoch / "checkpoint.pth"),
-             "--output_dir", str(tmp_path))
+def test_finetune_from_a_url_replaces_a_class_head_of_another_size(data_flags: list[str], one_epoch: Path,
+                                                                   tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    routes = Routes(files={"/ckpt.pth": (one_epoch / "checkpoint.pth").read_bytes()})
+    with serve(routes) as base:
+        run_main(*TINY, *data_flags, "--epochs", "1", "--num_classes", "9", "--finetune", f"{base}/ckpt.pth",
+                 "--output_dir", str(tmp_path / "run"))
+    assert (tmp_path / "torch_home" / "hub" / "checkpoints" / "ckpt.pth").is_file()
+    tmp_path = tmp_path / "run"
     assert ("--finetune: re-initialised 4 class-head tensor(s) whose size differs from the checkpoint's: "
             "class_embed.0.weight, class_embed.0.bias, class_embed.1.weight, class_embed.1.bias"
             ) in capsys.readouterr().out
