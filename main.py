@@ -27,6 +27,7 @@ from deta.checkpoint import class_head_size, load_checkpoint, load_model_weights
 from deta.errors import InputError
 from engine import NonFiniteLossError, evaluate, train_one_epoch
 from training.args_check import architecture_differences, validate_args
+from training.best_checkpoint import BestCheckpoint
 from training.checkpointing import remove_stale_temporaries, rng_state, save_checkpoint, seed_everything, set_rng_state
 from training.cpu_memory import keep_freed_memory
 from training.distributed import (
@@ -37,10 +38,11 @@ from training.distributed import (
     get_world_size,
     init_distributed,
 )
+from training.ema import ModelEMA
 from training.interrupts import Interrupted, LastCheckpoint, signals_raise
 from training.optim import build_optimizer, group_learning_rates
 from training.run_dir import choose_output_dir, make_writable_dir
-from training.run_log import LOG_NAME, log_epoch, logged_epochs
+from training.run_log import LOG_NAME, log_epoch, logged_epochs, logged_records
 
 log = logging.getLogger("main")
 
@@ -67,6 +69,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     opt.add_argument("--clip_max_norm", default=0.1, type=float, help="gradient clipping max norm (0: off)")
     opt.add_argument("--sgd", action="store_true", help="SGD with momentum 0.9 instead of AdamW")
     opt.add_argument("--amp", action="store_true", help="bf16 autocast where the device supports it")
+    opt.add_argument("--ema", action="store_true",
+                     help="keep an exponential moving average of the weights (training/ema.py), evaluated and saved "
+                          "beside the model; off by default, as in the published recipes")
+    opt.add_argument("--ema_decay", default=0.9997, type=float, help="the EMA's decay, in (0, 1)")
+    opt.add_argument("--ema_warmup", default=2000, type=int,
+                     help="optimizer steps over which the EMA's decay warms up: decay * (1 - exp(-step / warmup))")
+    opt.add_argument("--patience", default=None, type=int,
+                     help="stop after this many evaluations without a validation AP improvement (default: never)")
 
     model = parser.add_argument_group("model")
     model.add_argument("--with_box_refine", action="store_true")
@@ -245,6 +255,7 @@ def _run(args: argparse.Namespace, last: LastCheckpoint) -> None:
     criterion.to(device)
     if checkpoint is not None:
         _load_weights(model, checkpoint, args)
+    ema = _build_ema(model, checkpoint, args)
     log.info(f"trainable parameters: {sum(p.numel() for p in model.parameters() if p.requires_grad)}")
 
     dataset_val = build_dataset("val", args)
@@ -258,6 +269,10 @@ def _run(args: argparse.Namespace, last: LastCheckpoint) -> None:
         state = rng_state(device)
         stats = evaluate(model, postprocessors, loader_val, dataset_val.coco, device, amp=args.amp,
                          print_freq=args.print_freq, output_dir=output_dir)
+        if ema is not None:  # both are evaluated: the EMA's metrics as ema_AP, ... (files ema_coco_*.json)
+            ema_stats = evaluate(ema.module, postprocessors, loader_val, dataset_val.coco, device, amp=args.amp,
+                                 print_freq=args.print_freq, output_dir=output_dir, prefix="ema_")
+            stats.update({f"ema_{name}": value for name, value in ema_stats.items()})
         set_rng_state(state, device)
         return stats
 
@@ -283,12 +298,23 @@ def _run(args: argparse.Namespace, last: LastCheckpoint) -> None:
                                               find_unused_parameters=not args.aux_loss)
     if args.resume:
         _restore_training_state(checkpoint, optimizer, lr_scheduler, args, device)
+    # The run's earlier evaluations count towards the best AP and --patience (none when starting afresh).
+    best = BestCheckpoint(output_dir if rank == 0 else None, args.patience,
+                          [r for r in logged_records(output_dir) if r["epoch"] < args.start_epoch] if args.resume
+                          else [])
+
+    def best_weights(which: str) -> dict[str, Any]:
+        weights = ema.module.state_dict() if which == "ema" else model.state_dict()
+        return {"model": weights, "args": vars(args), "category_names": category_names(dataset_train.coco)}
+
     with SummaryWriter(output_dir) if rank == 0 else contextlib.nullcontext() as writer:
         if evaluate_first:
             log.info(f"--resume: epoch {checkpoint['epoch']} has a checkpoint but no line in "
                      f"{output_dir / LOG_NAME} (the run stopped during its evaluation); evaluating it first")
             last.evaluated = False
-            _log_epoch(output_dir, writer, checkpoint["epoch"], checkpoint.get("train_stats", {}), run_evaluation())
+            test_stats = run_evaluation()
+            _log_epoch(output_dir, writer, checkpoint["epoch"], checkpoint.get("train_stats", {}), test_stats)
+            best.update(checkpoint["epoch"], test_stats, best_weights)
             last.evaluated = True
             if args.start_epoch == args.epochs:
                 return
@@ -299,18 +325,23 @@ def _run(args: argparse.Namespace, last: LastCheckpoint) -> None:
             sampler_train.set_epoch(epoch)
             train_stats = train_one_epoch(train_model, criterion, loader_train, optimizer, device, epoch,
                                           max_norm=args.clip_max_norm, amp=args.amp, print_freq=args.print_freq,
-                                          writer=writer)
+                                          writer=writer, ema=ema)
             lr_scheduler.step()
             rng_states = all_gather_object(rng_state(device))  # every process's, for an exact resume
             if rank == 0:
                 save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                  "lr_scheduler": lr_scheduler.state_dict(), "epoch": epoch, "args": vars(args),
                                  "rng_states": rng_states, "category_names": category_names(dataset_train.coco),
-                                 "train_stats": train_stats},
+                                 "train_stats": train_stats, **({"ema": ema.state_dict()} if ema else {})},
                                 output_dir, epoch, args.lr_drop)
             last.path, last.epoch, last.evaluated = output_dir / "checkpoint.pth", epoch, False
-            _log_epoch(output_dir, writer, epoch, train_stats, run_evaluation())
+            test_stats = run_evaluation()
+            _log_epoch(output_dir, writer, epoch, train_stats, test_stats)
+            best.update(epoch, test_stats, best_weights)
             last.evaluated = True
+            if all_gather_object(best.should_stop)[0]:  # the main process's decision: it holds the metrics
+                log.info(best.stop_message(epoch))
+                break
         log.info(f"training time {datetime.timedelta(seconds=round(time.time() - start))}")
 
 
@@ -379,6 +410,20 @@ def _load_weights(model: torch.nn.Module, checkpoint: dict[str, Any], args: argp
         log.info(f"--finetune: re-initialised {len(skipped)} class-head tensor(s) whose size differs from the "
                  f"checkpoint's: {', '.join(skipped)}" if skipped else
                  "--finetune: every tensor loaded from the checkpoint (its class heads fit --num_classes)")
+
+
+def _build_ema(model: torch.nn.Module, checkpoint: dict[str, Any] | None, args: argparse.Namespace
+               ) -> ModelEMA | None:
+    """With --ema, the average of the weights: a --resume checkpoint's (or, without one, the resumed weights);
+    for --finetune and new runs, the starting weights."""
+    if not args.ema:
+        return None
+    ema = ModelEMA(model, args.ema_decay, args.ema_warmup)
+    if args.resume and checkpoint.get("ema") is not None:
+        ema.load_state_dict(checkpoint["ema"])
+    elif args.resume:
+        log.info(f"--ema: the --resume checkpoint {args.resume} has no EMA; the average starts from its weights")
+    return ema
 
 
 def _restore_training_state(checkpoint: dict[str, Any], optimizer: torch.optim.Optimizer,

@@ -80,7 +80,8 @@ def test_training_writes_checkpoint_log_and_results(one_epoch: Path) -> None:
 
 
 def test_resume_after_a_kill_matches_an_uninterrupted_run(data_flags: list[str], tmp_path: Path) -> None:
-    flags = [*TINY, *data_flags, "--epochs", "2", "--batch_size", "1"]
+    """With --ema: the average of the weights resumes bit for bit too, and so does the best checkpoint."""
+    flags = [*TINY, *data_flags, "--epochs", "2", "--batch_size", "1", "--ema", "--ema_warmup", "2"]
     uninterrupted = run_script(*flags, "--output_dir", str(tmp_path / "a"))
     assert uninterrupted.returncode == 0, uninterrupted.stderr
 
@@ -99,10 +100,18 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(data_flags: list[str],
     expected, actual = weights(tmp_path / "a" / "checkpoint.pth"), weights(tmp_path / "b" / "checkpoint.pth")
     assert expected.keys() == actual.keys()
     assert all(torch.equal(expected[k], actual[k]) for k in expected), "resumed weights differ"
+    ema_a, ema_b = (torch.load(tmp_path / run / "checkpoint.pth", weights_only=True)["ema"] for run in "ab")
+    assert ema_a["updates"] == ema_b["updates"] == 8 and ema_a["model"].keys() == expected.keys()
+    assert all(torch.equal(ema_a["model"][k], ema_b["model"][k]) for k in expected), "resumed EMA differs"
+    assert not all(torch.equal(ema_a["model"][k], expected[k]) for k in expected)  # an average, not the weights
+    best_a, best_b = (torch.load(tmp_path / run / "checkpoint_best.pth", weights_only=True) for run in "ab")
+    assert (best_a["epoch"], best_a["AP"], best_a["weights"]) == (best_b["epoch"], best_b["AP"], best_b["weights"])
     # the epochs the killed run did not finish are logged once, and alike
     log_a = [json.loads(line) for line in (tmp_path / "a" / "log.txt").read_text().splitlines()]
     log_b = [json.loads(line) for line in (tmp_path / "b" / "log.txt").read_text().splitlines()]
     assert [s["epoch"] for s in log_b] == [0, 1] and log_b == log_a
+    assert all({"test_AP", "test_ema_AP"} <= record.keys() for record in log_a)
+    assert best_a["AP"] == max(max(r["test_AP"], r["test_ema_AP"]) for r in log_a)
 
 
 def test_resume_applies_a_new_schedule_and_says_so(data_flags: list[str], one_epoch: Path, tmp_path: Path,

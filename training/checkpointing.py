@@ -14,7 +14,7 @@ import torch
 from deta.checkpoint import save_atomically
 
 # What save_atomically names its temporary files (`.NAME.<random>.tmp`), for the files a run writes.
-_TEMPORARIES = (".checkpoint*.pth.*.tmp", ".log.txt.*.tmp", ".coco_results.json.*.tmp", ".coco_stats.json.*.tmp")
+_TEMPORARIES = (".checkpoint*.pth.*.tmp", ".log.txt.*.tmp", ".*coco_results.json.*.tmp", ".*coco_stats.json.*.tmp")
 
 
 def save_checkpoint(checkpoint: dict[str, Any], output_dir: Path, epoch: int, lr_drop: int) -> list[Path]:
