@@ -1,4 +1,4 @@
-"""COCO evaluation: hotcoco gives pycocotools' 12 statistics and per-class AP; pycocotools stands in when it is missing."""
+"""COCO evaluation: hotcoco gives pycocotools' 12 statistics and per-class AP; pycocotools stands in without it."""
 import contextlib
 import io
 import logging

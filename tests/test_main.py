@@ -215,6 +215,26 @@ def test_finetune_from_a_url_replaces_a_class_head_of_another_size(data_flags: l
     assert tuned["backbone.0.body.conv1.weight"].shape == source["backbone.0.body.conv1.weight"].shape
 
 
+def test_patience_stops_without_improvement_and_leaves_a_resumable_run(data_flags: list[str], tmp_path: Path,
+                                                                       capsys: pytest.CaptureFixture) -> None:
+    """Learning rates 0: the AP of epoch 0 is never beaten, so --patience 1 stops after epoch 1."""
+    flags = [*TINY, *data_flags, "--lr", "0", "--lr_backbone", "0", "--output_dir", str(tmp_path)]
+    run_main(*flags, "--epochs", "4", "--patience", "1")
+    out = capsys.readouterr().out
+    assert "epoch 0: AP " in out and "is the best so far; saved to" in out
+    assert ("--patience 1: no AP improvement in the 1 evaluations since epoch 0 (best AP "
+            ) in out and "stopping after epoch 1" in out
+    assert [json.loads(line)["epoch"] for line in (tmp_path / "log.txt").read_text().splitlines()] == [0, 1]
+    best = torch.load(tmp_path / "checkpoint_best.pth", weights_only=True)
+    assert best["epoch"] == 0 and best["weights"] == "model" and best["model"].keys() == weights(
+        tmp_path / "checkpoint.pth").keys()
+    assert torch.load(tmp_path / "checkpoint.pth", weights_only=True)["epoch"] == 1
+    # the stopped run resumes; its log's history still counts (epoch 2 does not improve either)
+    run_main(*flags, "--epochs", "4", "--patience", "2", "--resume", str(tmp_path / "checkpoint.pth"))
+    assert "--patience 2: no AP improvement in the 2 evaluations since epoch 0" in capsys.readouterr().out
+    assert [json.loads(line)["epoch"] for line in (tmp_path / "log.txt").read_text().splitlines()] == [0, 1, 2]
+
+
 def test_nan_loss_stops_and_keeps_the_last_checkpoint(data_flags: list[str], one_epoch: Path, tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch,
                                                       capsys: pytest.CaptureFixture) -> None:
@@ -279,6 +299,13 @@ def test_resume_rejects_an_unusable_optimizer_state(spoil, message: str, data_fl
     (("--lr_drop", "0"), "error: --lr_drop 0: must be 1 or more"),
     (("--hidden_dim", "48"), "error: --hidden_dim 48: must be a multiple of 32"),
     (("--eval",), "error: --eval needs the checkpoint to evaluate: pass --resume CKPT"),
+    (("--ema", "--ema_decay", "1"), "error: --ema_decay 1.0: must be in (0, 1)"),
+    (("--ema_decay", "0"), "error: --ema_decay 0.0: must be in (0, 1)"),
+    (("--patience", "0", "--coco_path", "/data"), "error: --patience 0: must be 1 or more"),
+    (("--patience", "3", "--train_json", "t.json", "--train_images", "t"),
+     "error: --patience 3: early stopping needs a validation set to evaluate; pass --val_json FILE"),
+    (("--finetune", "deta_r50_typo"), "error: checkpoint deta_r50_typo: no such file, nor an http(s) URL or a "
+                                      "model-zoo name (known names: deta_r50_5scale_12ep_bs8, "),
     # before any data or checkpoint is read: neither is given or readable here
     (("--output_dir", "{file}/run"), "error: --output_dir {file}/run: cannot write there (Not a directory)"),
     (("--eval", "--resume", "{corrupt}", "--output_dir", "{file}"), "error: --output_dir {file}: cannot write there"),
