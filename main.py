@@ -161,9 +161,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", default=None, help="cuda or cpu; default: cuda when available")
     run.add_argument("--seed", default=42, type=int)
     run.add_argument("--resume", default="",
-                     help="continue a run: model, optimizer, scheduler and epoch from a checkpoint")
+                     help="continue a run: model, optimizer, scheduler and epoch from a checkpoint (a path, an "
+                          "http(s) URL or a name of docs/MODEL_ZOO.md)")
     run.add_argument("--finetune", default="",
-                     help="start from a checkpoint's weights only; class heads of another size are dropped")
+                     help="start from a checkpoint's weights only (a path, an http(s) URL or a name of "
+                          "docs/MODEL_ZOO.md); class heads of another size are dropped")
     run.add_argument("--start_epoch", default=0, type=int)
     run.add_argument("--eval", action="store_true", help="evaluate only")
     run.add_argument("--print_freq", default=10, type=int, help="iterations between progress lines")
