@@ -3,7 +3,8 @@
     python scripts/convert_checkpoint.py [--from auto|deta|official|detrex|hf] [--to deta|official|detrex|hf]
         IN OUT [-- MAIN_PY_FLAGS...]
 
-IN is a checkpoint file or an HF model folder, by path, http(s) URL or model-zoo name (docs/MODEL_ZOO.md); with `--to hf`, OUT is a folder that receives
+IN is a checkpoint file or an HF model folder, by path, http(s) URL or model-zoo name (docs/MODEL_ZOO.md);
+with `--to hf`, OUT is a folder that receives
 model.safetensors and config.json (transformers 4.x `DetaForObjectDetection.from_pretrained` loads it;
 class names saved in the checkpoint become id2label). The architecture comes from the arguments saved
 with the checkpoint (official: its argparse Namespace; ours: main.py's; HF: config.json beside the

@@ -75,6 +75,12 @@ def test_training_writes_checkpoint_log_and_results(one_epoch: Path) -> None:
     (line,) = (one_epoch / "log.txt").read_text().splitlines()
     stats = json.loads(line)
     assert stats["epoch"] == 0 and stats["train_loss"] > 0 and 0 <= stats["test_AP"] <= 1
+    # per class: the AP and AP50 of each shape the validation images have
+    val = json.loads(Path(checkpoint["args"]["val_json"]).read_text())
+    shapes = {checkpoint["category_names"][a["category_id"]] for a in val["annotations"] if not a["iscrowd"]}
+    assert shapes and {key[len(metric):] for key in stats for metric in ("test_AP/", "test_AP50/")
+                       if key.startswith(metric)} == shapes
+    assert all(f"test_AP50/{shape}" in stats for shape in shapes)
     assert {d["image_id"] for d in json.loads((one_epoch / "coco_results.json").read_text())} == {1, 2, 3}
     assert list(one_epoch.glob("events.out.tfevents.*"))
 
@@ -221,6 +227,7 @@ def test_patience_stops_without_improvement_and_leaves_a_resumable_run(data_flag
     flags = [*TINY, *data_flags, "--lr", "0", "--lr_backbone", "0", "--output_dir", str(tmp_path)]
     run_main(*flags, "--epochs", "4", "--patience", "1")
     out = capsys.readouterr().out
+    assert out.count("per class:\nclass") == 2  # the table of every evaluation
     assert "epoch 0: AP " in out and "is the best so far; saved to" in out
     assert ("--patience 1: no AP improvement in the 1 evaluations since epoch 0 (best AP "
             ) in out and "stopping after epoch 1" in out
