@@ -28,7 +28,14 @@ from deta.errors import InputError
 from engine import NonFiniteLossError, evaluate, train_one_epoch
 from training.args_check import architecture_differences, validate_args
 from training.best_checkpoint import BestCheckpoint
-from training.checkpointing import remove_stale_temporaries, rng_state, save_checkpoint, seed_everything, set_rng_state
+from training.checkpointing import (
+    fetch_checkpoint,
+    remove_stale_temporaries,
+    rng_state,
+    save_checkpoint,
+    seed_everything,
+    set_rng_state,
+)
 from training.cpu_memory import keep_freed_memory
 from training.distributed import (
     all_gather_object,
@@ -237,6 +244,7 @@ def _run(args: argparse.Namespace, last: LastCheckpoint) -> None:
     if args.amp and device.type == "cpu" and not cpu_has_bf16_matmul():
         log.warning("warning: --amp on a CPU without AVX512-BF16 or AMX: bf16 matmuls run far slower than fp32 "
                     "here (100x on an AVX2 machine); drop --amp")
+    fetch_checkpoint(args.resume or args.finetune)  # a download that fails leaves no output folder behind
     output_dir = last.output_dir = _prepare_output_dir(args)
     seed_everything(args.seed + rank)
     log.info(f"{world_size} process(es) on {device}; {args}")

@@ -331,6 +331,17 @@ def test_bad_input_is_a_one_line_error(flags: tuple[str, ...], message: str, tmp
     assert err.startswith(message) and err.count("\n") == 1, err
 
 
+def test_a_failed_download_is_one_line_and_writes_nothing(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    with serve(Routes()) as base, pytest.raises(SystemExit) as exit_info:
+        run_main(*TINY, "--finetune", f"{base}/ckpt.pth", "--output_dir", str(tmp_path / "run"))
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == (f"error: download of {base}/ckpt.pth failed (HTTP Error 404: Not Found); "
+                                       "check the URL and the connection\n")
+    assert not (tmp_path / "run").exists() and not list((tmp_path / "torch_home").rglob("*.*"))
+
+
 def test_bad_input_exits_without_traceback() -> None:
     result = run_script(*TINY, "--eval")
     assert result.returncode == 2
