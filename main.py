@@ -244,7 +244,7 @@ def _run(args: argparse.Namespace, last: LastCheckpoint) -> None:
     if args.amp and device.type == "cpu" and not cpu_has_bf16_matmul():
         log.warning("warning: --amp on a CPU without AVX512-BF16 or AMX: bf16 matmuls run far slower than fp32 "
                     "here (100x on an AVX2 machine); drop --amp")
-    fetch_checkpoint(args.resume or args.finetune)  # a download that fails leaves no output folder behind
+    fetch_checkpoint(args)  # a download that fails leaves no output folder behind
     output_dir = last.output_dir = _prepare_output_dir(args)
     seed_everything(args.seed + rank)
     log.info(f"{world_size} process(es) on {device}; {args}")

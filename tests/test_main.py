@@ -337,8 +337,8 @@ def test_a_failed_download_is_one_line_and_writes_nothing(tmp_path: Path, capsys
     with serve(Routes()) as base, pytest.raises(SystemExit) as exit_info:
         run_main(*TINY, "--finetune", f"{base}/ckpt.pth", "--output_dir", str(tmp_path / "run"))
     assert exit_info.value.code == 2
-    assert capsys.readouterr().err == (f"error: download of {base}/ckpt.pth failed (HTTP Error 404: Not Found); "
-                                       "check the URL and the connection\n")
+    assert capsys.readouterr().err == (f"error: --finetune: download of {base}/ckpt.pth failed (HTTP Error 404: Not "
+                                       "Found); check the URL and the connection\n")
     assert not (tmp_path / "run").exists() and not list((tmp_path / "torch_home").rglob("*.*"))
 
 

@@ -4,6 +4,7 @@
 Stage-1 assignment samples anchors from torch's generator, and the augmentations draw from it too
 (data-loader workers are seeded from it), so these states must travel with the weights.
 """
+import argparse
 import random
 from pathlib import Path
 from typing import Any
@@ -45,16 +46,17 @@ def remove_stale_temporaries(output_dir: Path) -> list[Path]:
     return stale
 
 
-def fetch_checkpoint(source: str) -> None:
+def fetch_checkpoint(args: argparse.Namespace) -> None:
     """A --resume/--finetune URL or zoo name downloaded into the hub cache by the main process, before anything is
     written and before the other processes read the cached file (one download, one progress bar per machine
-    that shares the cache). A failed download is every process's InputError."""
+    that shares the cache). A failed download is every process's InputError, naming the flag."""
+    flag, source = ("--resume", args.resume) if args.resume else ("--finetune", args.finetune)
     problem = None
     if source and is_remote(source) and get_rank() == 0:
         try:
             checkpoint_file(source)
         except InputError as err:
-            problem = str(err)
+            problem = f"{flag}: {err}"
     problem = all_gather_object(problem)[0]
     if problem:
         raise InputError(problem)
