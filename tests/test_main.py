@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from local_http import Routes, serve
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import main as main_module
 from datasets.loading import DetectionLoader
@@ -82,7 +83,9 @@ def test_training_writes_checkpoint_log_and_results(one_epoch: Path) -> None:
                        if key.startswith(metric)} == shapes
     assert all(f"test_AP50/{shape}" in stats for shape in shapes)
     assert {d["image_id"] for d in json.loads((one_epoch / "coco_results.json").read_text())} == {1, 2, 3}
-    assert list(one_epoch.glob("events.out.tfevents.*"))
+    (events,) = one_epoch.glob("events.out.tfevents.*")
+    tags = EventAccumulator(str(events)).Reload().Tags()["scalars"]
+    assert {"test/AP", "test/AP50"} | {f"test/{m}/{shape}" for m in ("AP", "AP50") for shape in shapes} <= set(tags)
 
 
 def test_resume_after_a_kill_matches_an_uninterrupted_run(data_flags: list[str], tmp_path: Path) -> None:
