@@ -2,12 +2,13 @@
 
 URLs and zoo files are downloaded once into torch's hub cache (`$TORCH_HOME/hub/checkpoints`, as
 `torch.hub.load_state_dict_from_url` keeps them) with torch.hub's downloader: a progress bar, a SHA-256
-check where the zoo or the file name (torch.hub's `name-<hash prefix>.pth`) gives a hash. A download is
+check where the zoo gives a published hash or the URL ends in `#sha256=<hex>` (pip's convention). A download is
 checked to be a checkpoint (a complete zip or legacy torch file, a safetensors file, or JSON) before it
 enters the cache: a refused, failed or cut-short download leaves nothing there.
 """
 import json
 import os
+import re
 import shutil
 import uuid
 import zipfile
@@ -42,13 +43,16 @@ def checkpoint_file(source: str | os.PathLike, progress: bool = True) -> Path:
         return Path(text)
     if text in ZOO:
         return _fetch_entry(text, ZOO[text], progress)
-    name = Path(urlparse(text).path).name
+    url = urlparse(text)
+    name = Path(url.path).name
     if not name:
         raise InputError(f"checkpoint {text}: the URL names no file; pass the URL of a checkpoint file")
+    sha256 = re.fullmatch(r"sha256=([0-9a-fA-F]+)", url.fragment)
+    if url.fragment and not sha256:
+        raise InputError(f"checkpoint {text}: the only URL fragment understood is #sha256=<hex digest or prefix>")
     target = cache_dir() / name
     if not target.is_file():
-        hash_match = torch.hub.HASH_REGEX.search(name)
-        _download(text, target, hash_match.group(1) if hash_match else None, progress)
+        _download(url._replace(fragment="").geturl(), target, sha256.group(1).lower() if sha256 else None, progress)
     return target
 
 

@@ -49,24 +49,26 @@ def test_a_url_downloads_once_and_loads_as_the_file(tiny_checkpoint: Path, torch
     ("/missing.pth", "download of {url} failed (HTTP Error 404: Not Found)"),
     ("/cut.pth", "download of {url}: not a checkpoint (a complete PyTorch or safetensors file), or cut short"),
     ("/page.pth", "download of {url}: not a checkpoint"),
-    ("/ckpt-0123abcd.pth", "download of {url}: invalid hash value (expected \"0123abcd\""),
+    ("/ckpt.pth#sha256=0123abcd", "download of {base}/ckpt.pth: invalid hash value (expected \"0123abcd\""),
 ])
 def test_a_failed_download_is_one_line_naming_the_url_and_leaves_nothing(
         path: str, message: str, tiny_checkpoint: Path, torch_home: Path) -> None:
     good = tiny_checkpoint.read_bytes()
-    routes = Routes(files={"/page.pth": b"<html>Sign in</html>", "/ckpt-0123abcd.pth": good}, cut={"/cut.pth": good})
+    routes = Routes(files={"/page.pth": b"<html>Sign in</html>", "/ckpt.pth": good}, cut={"/cut.pth": good})
     with serve(routes) as base, pytest.raises(InputError) as error:
         load_checkpoint(base + path)
-    assert str(error.value).startswith(message.format(url=base + path)) and "\n" not in str(error.value)
+    assert str(error.value).startswith(message.format(url=base + path, base=base)) and "\n" not in str(error.value)
     assert cached(torch_home) == []
 
 
 def test_a_published_hash_is_checked(tiny_checkpoint: Path, torch_home: Path) -> None:
     good = tiny_checkpoint.read_bytes()
-    prefix = hashlib.sha256(good).hexdigest()[:8]
-    with serve(Routes(files={f"/ckpt-{prefix}.pth": good})) as base:
-        assert hub.checkpoint_file(f"{base}/ckpt-{prefix}.pth") == torch_home / "hub" / "checkpoints" / \
-            f"ckpt-{prefix}.pth"
+    digest = hashlib.sha256(good).hexdigest()
+    with serve(Routes(files={"/ckpt.pth": good})) as base:
+        with pytest.raises(InputError, match="the only URL fragment understood is #sha256="):
+            hub.checkpoint_file(f"{base}/ckpt.pth#md5=00")
+        assert hub.checkpoint_file(f"{base}/ckpt.pth#sha256={digest.upper()}") == \
+            torch_home / "hub" / "checkpoints" / "ckpt.pth"
 
 
 def test_a_zoo_name_fetches_an_hf_folder_whole_or_not_at_all(torch_home: Path, monkeypatch: pytest.MonkeyPatch
