@@ -60,6 +60,17 @@ def test_per_class_table_has_a_row_per_class(ground_truth_and_detections, caplog
                            f"{100 * stats['AP50/person']:.1f}"]
 
 
+def test_detections_of_undeclared_categories_count_alike(ground_truth_and_detections, capfd):
+    """Class-head indices no category has (0, 12): pycocotools passes over them, hotcoco too, without a word."""
+    coco, detections = ground_truth_and_detections
+    strays = [{**d, "category_id": 0 if i % 2 else 12} for i, d in enumerate(detections[:400])]
+    mixed = strays + detections[400:2000]
+    reference = coco_eval.coco_box_stats(coco, mixed, "pycocotools")
+    capfd.readouterr()
+    assert coco_eval.coco_box_stats(coco, mixed, "hotcoco") == pytest.approx(reference, abs=1e-12)
+    assert capfd.readouterr().err == ""
+
+
 def test_without_detections_both_give_zeros(ground_truth_and_detections):
     coco, _ = ground_truth_and_detections
     assert coco_eval.coco_box_stats(coco, [], "hotcoco") == coco_eval.coco_box_stats(coco, [], "pycocotools")

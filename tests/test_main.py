@@ -273,7 +273,9 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(data_flags: list[str], one
     assert capsys.readouterr().err == ("error: loss is nan at epoch 1, iteration 1/2 (loss_giou=nan); stopped "
                                        "without saving this epoch, the last checkpoint is intact\n")
     assert (tmp_path / "checkpoint.pth").read_bytes() == before
-    assert sorted(p.name for p in tmp_path.glob("*.pth")) == ["checkpoint.pth"]
+    # the resumed epoch 0 was evaluated (the copy has no log.txt): its best checkpoint; nothing of epoch 1
+    assert sorted(p.name for p in tmp_path.glob("*.pth")) == ["checkpoint.pth", "checkpoint_best.pth"]
+    assert torch.load(tmp_path / "checkpoint_best.pth", weights_only=True)["epoch"] == 0
 
 
 def _without_optimizer(checkpoint: dict) -> None:

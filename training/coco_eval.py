@@ -118,11 +118,17 @@ def per_class_table(coco_gt: COCO, category_ids: list[int], per_class: tuple[lis
 
 def hotcoco_eval(coco_gt: COCO, detections: list[dict]) -> Any:
     """hotcoco's COCOeval of `detections`, evaluated and accumulated, for its analyses (confusion matrix, TIDE,
-    plots) too. It reads copies: the data set's own dicts stay as pycocotools left them."""
+    plots) too. It reads copies: the data set's own dicts stay as pycocotools left them.
+
+    Detections of a category the annotations do not declare (a class-head index no category has, such as 0)
+    are left out: COCOeval evaluates the declared categories only, so the results are the same, and hotcoco
+    would print a warning about them at every evaluation."""
     dataset = coco_gt.dataset
     ground_truth = hotcoco.COCO()
     ground_truth.dataset = {**dataset, "annotations": [dict(a) for a in dataset.get("annotations", [])]}
-    coco_eval = hotcoco.COCOeval(ground_truth, ground_truth.load_res([dict(d) for d in detections]), "bbox")
+    declared = set(coco_gt.cats)
+    results = [dict(d) for d in detections if d["category_id"] in declared]
+    coco_eval = hotcoco.COCOeval(ground_truth, ground_truth.load_res(results), "bbox")
     coco_eval.evaluate()
     coco_eval.accumulate()
     return coco_eval
