@@ -14,6 +14,7 @@ from torch.utils.tensorboard import SummaryWriter
 from deta.checkpoint import save_text_atomically
 from training.coco_eval import coco_box_stats, coco_detections, gather_detections
 from training.distributed import is_main_process, reduce_mean
+from training.ema import ModelEMA
 from training.progress import Progress
 from training.writing import write_on_main_process
 
@@ -30,8 +31,9 @@ class NonFiniteLossError(RuntimeError):
 def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: DataLoader,
                     optimizer: torch.optim.Optimizer, device: torch.device, epoch: int, *,
                     max_norm: float = 0.0, amp: bool = False, print_freq: int = 10,
-                    writer: SummaryWriter | None = None) -> dict[str, float]:
+                    writer: SummaryWriter | None = None, ema: ModelEMA | None = None) -> dict[str, float]:
     """Train for one pass over `data_loader`; returns the epoch means of the weighted losses, lr and grad norm.
+    `ema`, if given, is updated after every optimizer step.
 
     Raises NonFiniteLossError (on every process alike) before stepping on a NaN/inf loss.
     """
@@ -58,6 +60,8 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: DataLoa
         loss.backward()
         grad_norm = nn.utils.clip_grad_norm_(model.parameters(), max_norm if max_norm > 0 else math.inf)
         optimizer.step()
+        if ema is not None:
+            ema.update(model)
 
         values = {"loss": total, **logged, "grad_norm": grad_norm.item(), "lr": optimizer.param_groups[0]["lr"]}
         progress.update(**values)
@@ -71,11 +75,12 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: DataLoa
 @torch.no_grad()
 def evaluate(model: nn.Module, postprocessors: dict[str, nn.Module], data_loader: DataLoader, coco_gt: COCO,
              device: torch.device, *, amp: bool = False, print_freq: int = 10,
-             output_dir: Path | None = None) -> dict[str, float]:
+             output_dir: Path | None = None, prefix: str = "") -> dict[str, float]:
     """COCO box metrics of `model` on `data_loader`, whose sampler shards the images over the processes.
 
     Every process must call this; the main one scores the gathered detections, writes them with the
-    metrics to `output_dir` (coco_results.json, coco_stats.json) and returns the metrics, the others {}.
+    metrics to `output_dir` ({prefix}coco_results.json, {prefix}coco_stats.json) and returns the metrics, the
+    others {}.
     """
     model.eval()
     local: dict[int, list[dict]] = {}
@@ -91,13 +96,13 @@ def evaluate(model: nn.Module, postprocessors: dict[str, nn.Module], data_loader
     detections = gather_detections(local)
     stats = coco_box_stats(coco_gt, detections) if is_main_process() else {}
     if output_dir is not None:
-        write_on_main_process(_save_results, output_dir, detections, stats)
+        write_on_main_process(_save_results, output_dir, detections, stats, prefix)
     return stats
 
 
-def _save_results(output_dir: Path, detections: list[dict], stats: dict[str, float]) -> None:
-    save_text_atomically(json.dumps(detections), output_dir / "coco_results.json")
-    save_text_atomically(json.dumps(stats, indent=1), output_dir / "coco_stats.json")
+def _save_results(output_dir: Path, detections: list[dict], stats: dict[str, float], prefix: str) -> None:
+    save_text_atomically(json.dumps(detections), output_dir / f"{prefix}coco_results.json")
+    save_text_atomically(json.dumps(stats, indent=1), output_dir / f"{prefix}coco_stats.json")
 
 
 def _to_device(images: list[Tensor], targets: list[dict[str, Any]],

@@ -28,7 +28,15 @@ from deta.config import add_model_args, architecture_differences, given_args, sa
 from deta.errors import InputError, NoSpaceError, command_line_message
 from engine import NonFiniteLossError, evaluate, train_one_epoch
 from training.args_check import validate_args, validate_model_args
-from training.checkpointing import remove_stale_temporaries, rng_state, save_checkpoint, seed_everything, set_rng_state
+from training.best_checkpoint import BestCheckpoint
+from training.checkpointing import (
+    fetch_checkpoint,
+    remove_stale_temporaries,
+    rng_state,
+    save_checkpoint,
+    seed_everything,
+    set_rng_state,
+)
 from training.cpu_memory import keep_freed_memory
 from training.distributed import (
     all_gather_object,
@@ -38,11 +46,12 @@ from training.distributed import (
     get_world_size,
     init_distributed,
 )
+from training.ema import ModelEMA
 from training.interrupts import Interrupted, LastCheckpoint, signals_raise
 from training.optim import build_optimizer, group_learning_rates
 from training.run_dir import choose_output_dir, make_writable_dir
 from training.run_lock import lock_output_dir, release_output_dirs
-from training.run_log import LOG_NAME, log_epoch, logged_epochs
+from training.run_log import LOG_NAME, log_epoch, logged_epochs, logged_records
 from training.writing import write_on_main_process
 
 log = logging.getLogger("main")
@@ -66,6 +75,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     opt.add_argument("--lr_drop", default=40, type=int, help="epochs between 10x learning-rate drops")
     opt.add_argument("--clip_max_norm", default=0.1, type=float, help="gradient clipping max norm (0: off)")
     opt.add_argument("--sgd", action="store_true", help="SGD with momentum 0.9 instead of AdamW")
+    opt.add_argument("--ema", action="store_true",
+                     help="keep an exponential moving average of the weights (training/ema.py), evaluated and saved "
+                          "beside the model; off by default, as in the published recipes")
+    opt.add_argument("--ema_decay", default=0.9997, type=float, help="the EMA's decay, in (0, 1)")
+    opt.add_argument("--ema_warmup", default=2000, type=int,
+                     help="optimizer steps over which the EMA's decay warms up: decay * (1 - exp(-step / warmup))")
+    opt.add_argument("--patience", default=None, type=int,
+                     help="stop after this many evaluations without a validation AP improvement (default: never)")
 
     add_model_args(parser)
 
@@ -91,10 +108,12 @@ def get_args_parser() -> argparse.ArgumentParser:
                           "the --resume checkpoint, else a new outputs/DATE-TIME folder (--eval: nowhere)")
     run.add_argument("--seed", default=42, type=int)
     run.add_argument("--resume", default="",
-                     help="continue a run: model, optimizer, scheduler and epoch from a checkpoint; the model flags "
-                          "and data paths not given are the checkpoint's")
+                     help="continue a run: model, optimizer, scheduler and epoch from a checkpoint (a path, an "
+                          "http(s) URL or a name of docs/MODEL_ZOO.md); the model flags and data paths not given are "
+                          "the checkpoint's")
     run.add_argument("--finetune", default="",
-                     help="start from a checkpoint's weights only; class heads of another size are dropped")
+                     help="start from a checkpoint's weights only (a path, an http(s) URL or a name of "
+                          "docs/MODEL_ZOO.md); class heads of another size are dropped")
     run.add_argument("--start_epoch", default=0, type=int)
     run.add_argument("--eval", action="store_true", help="evaluate only")
     run.add_argument("--print_freq", default=10, type=int, help="iterations between progress lines")
@@ -157,6 +176,7 @@ def _run(args: argparse.Namespace, given: Collection[str] | None, last: LastChec
     if args.amp and device.type == "cpu" and not cpu_has_bf16_matmul():
         log.warning("warning: --amp on a CPU without AVX512-BF16 or AMX: bf16 matmuls run far slower than fp32 "
                     "here (100x on an AVX2 machine); drop --amp")
+    fetch_checkpoint(args)  # a download that fails leaves no output folder behind
     output_dir = last.output_dir = _prepare_output_dir(args)
     seed_everything(args.seed + rank)
     checkpoint = load_checkpoint(args.resume or args.finetune) if args.resume or args.finetune else None
@@ -182,6 +202,7 @@ def _run(args: argparse.Namespace, given: Collection[str] | None, last: LastChec
     criterion.to(device)
     if checkpoint is not None:
         _load_weights(model, checkpoint, args)
+    ema = _build_ema(model, checkpoint, args)
     log.info(f"trainable parameters: {sum(p.numel() for p in model.parameters() if p.requires_grad)}")
 
     dataset_val = build_dataset("val", args)
@@ -189,14 +210,20 @@ def _run(args: argparse.Namespace, given: Collection[str] | None, last: LastChec
                                  sampler=DistributedSampler(dataset_val, world_size, rank, shuffle=False),
                                  pin_memory=device.type == "cuda")
 
+    def inference_form(module: torch.nn.Module) -> torch.nn.Module:
+        # On the CPU, a faster copy made from the current weights (deta.optimize_for_inference).
+        return optimize_for_inference(module) if device.type == "cpu" else module
+
     def run_evaluation() -> dict[str, float]:
         # Evaluating leaves the random generators as it found them: training then does not depend on the
         # validation set, and a resumed run continues exactly whether or not it evaluates first.
         state = rng_state(device)
-        # On the CPU, a faster copy made from the current weights (deta.optimize_for_inference).
-        eval_model = optimize_for_inference(model) if device.type == "cpu" else model
-        stats = evaluate(eval_model, postprocessors, loader_val, dataset_val.coco, device, amp=args.amp,
+        stats = evaluate(inference_form(model), postprocessors, loader_val, dataset_val.coco, device, amp=args.amp,
                          print_freq=args.print_freq, output_dir=output_dir)
+        if ema is not None:  # both are evaluated: the EMA's metrics as ema_AP, ... (files ema_coco_*.json)
+            ema_stats = evaluate(inference_form(ema.module), postprocessors, loader_val, dataset_val.coco, device,
+                                 amp=args.amp, print_freq=args.print_freq, output_dir=output_dir, prefix="ema_")
+            stats.update({f"ema_{name}": value for name, value in ema_stats.items()})
         set_rng_state(state, device)
         return stats
 
@@ -222,12 +249,23 @@ def _run(args: argparse.Namespace, given: Collection[str] | None, last: LastChec
                                               find_unused_parameters=not args.aux_loss)
     if args.resume:
         _restore_training_state(checkpoint, optimizer, lr_scheduler, args, device)
+    # The run's earlier evaluations count towards the best AP and --patience (none when starting afresh).
+    best = BestCheckpoint(output_dir if rank == 0 else None, args.patience,
+                          [r for r in logged_records(output_dir) if r["epoch"] < args.start_epoch] if args.resume
+                          else [])
+
+    def best_weights(which: str) -> dict[str, Any]:
+        weights = ema.module.state_dict() if which == "ema" else model.state_dict()
+        return {"model": weights, "args": vars(args), "category_names": category_names(dataset_train.coco)}
+
     with SummaryWriter(output_dir) if rank == 0 else contextlib.nullcontext() as writer:
         if evaluate_first:
             log.info(f"--resume: epoch {checkpoint['epoch']} has a checkpoint but no line in "
                      f"{output_dir / LOG_NAME} (the run stopped during its evaluation); evaluating it first")
             last.evaluated = False
-            _log_epoch(output_dir, writer, checkpoint["epoch"], checkpoint.get("train_stats", {}), run_evaluation())
+            test_stats = run_evaluation()
+            _log_epoch(output_dir, writer, checkpoint["epoch"], checkpoint.get("train_stats", {}), test_stats)
+            best.update(checkpoint["epoch"], test_stats, best_weights)
             last.evaluated = True
             if args.start_epoch == args.epochs:
                 return
@@ -238,18 +276,23 @@ def _run(args: argparse.Namespace, given: Collection[str] | None, last: LastChec
             sampler_train.set_epoch(epoch)
             train_stats = train_one_epoch(train_model, criterion, loader_train, optimizer, device, epoch,
                                           max_norm=args.clip_max_norm, amp=args.amp, print_freq=args.print_freq,
-                                          writer=writer)
+                                          writer=writer, ema=ema)
             lr_scheduler.step()
             rng_states = all_gather_object(rng_state(device))  # every process's, for an exact resume
             write_on_main_process(save_checkpoint,
                                   {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                    "lr_scheduler": lr_scheduler.state_dict(), "epoch": epoch, "args": vars(args),
                                    "rng_states": rng_states, "category_names": category_names(dataset_train.coco),
-                                   "train_stats": train_stats},
+                                   "train_stats": train_stats, **({"ema": ema.state_dict()} if ema else {})},
                                   output_dir, epoch, args.lr_drop)
             last.path, last.epoch, last.evaluated = output_dir / "checkpoint.pth", epoch, False
-            _log_epoch(output_dir, writer, epoch, train_stats, run_evaluation())
+            test_stats = run_evaluation()
+            _log_epoch(output_dir, writer, epoch, train_stats, test_stats)
+            best.update(epoch, test_stats, best_weights)
             last.evaluated = True
+            if all_gather_object(best.should_stop)[0]:  # the main process's decision: it holds the metrics
+                log.info(best.stop_message(epoch))
+                break
         log.info(f"training time {datetime.timedelta(seconds=round(time.time() - start))}")
 
 
@@ -343,6 +386,20 @@ def _load_weights(model: torch.nn.Module, checkpoint: dict[str, Any], args: argp
         log.info(f"--finetune: re-initialised {len(skipped)} class-head tensor(s) whose size differs from the "
                  f"checkpoint's: {', '.join(skipped)}" if skipped else
                  "--finetune: every tensor loaded from the checkpoint (its class heads fit --num_classes)")
+
+
+def _build_ema(model: torch.nn.Module, checkpoint: dict[str, Any] | None, args: argparse.Namespace
+               ) -> ModelEMA | None:
+    """With --ema, the average of the weights: a --resume checkpoint's (or, without one, the resumed weights);
+    for --finetune and new runs, the starting weights."""
+    if not args.ema:
+        return None
+    ema = ModelEMA(model, args.ema_decay, args.ema_warmup)
+    if args.resume and checkpoint.get("ema") is not None:
+        ema.load_state_dict(checkpoint["ema"])
+    elif args.resume:
+        log.info(f"--ema: the --resume checkpoint {args.resume} has no EMA; the average starts from its weights")
+    return ema
 
 
 def _restore_training_state(checkpoint: dict[str, Any], optimizer: torch.optim.Optimizer,

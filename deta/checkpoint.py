@@ -24,6 +24,8 @@ from .formats import SOURCE_FORMATS, TARGET_FORMATS, detect_format, from_ours, t
 from .formats.hf import category_names as hf_category_names
 from .formats.hf import model_args as hf_model_args
 from .formats.official import from_official, to_official
+from .hub import checkpoint_file
+from .zoo import ZOO
 
 __all__ = ["HF_FOLDER_FILES", "SOURCE_FORMATS", "TARGET_FORMATS", "class_head_size", "convert_state_dict", "describe",
            "detect_format", "from_official", "from_ours", "input_file_at", "load_checkpoint", "load_model_weights",
@@ -47,11 +49,13 @@ def load_checkpoint(path: str | os.PathLike, source_format: str = "auto") -> dic
     """Load a checkpoint of any supported format; its 'model' entry is converted to ours.
 
     `path` is a file (ours, official, detrex: a dict with a 'model' entry or a bare state dict;
-    HF: pytorch_model.bin or model.safetensors) or an HF model folder. For HF, the config.json
-    beside the weights supplies 'args' (our main.py arguments for that model). Training state
-    written by another code base (detrex, HF) is dropped: it fits only that code's parameters.
+    HF: pytorch_model.bin or model.safetensors) or an HF model folder, or an http(s) URL or model-zoo
+    name of either (deta.hub downloads it once). For HF, the config.json beside the weights supplies
+    'args' (our main.py arguments for that model); a zoo name supplies those its file does not save.
+    Training state written by another code base (detrex, HF) is dropped: it fits only that code's parameters.
     """
-    path = Path(path)
+    source = str(path)
+    path = checkpoint_file(source)
     weights = _hf_weights(path) if path.is_dir() else path
     if not weights.is_file():
         raise InputError(f"checkpoint {path}: no such file")
@@ -71,6 +75,8 @@ def load_checkpoint(path: str | os.PathLike, source_format: str = "auto") -> dic
         hf_config = json.loads(config.read_text())
         converted["args"] = hf_model_args(hf_config, str(config))
         converted["category_names"] = hf_category_names(hf_config)
+    if converted.get("args") is None and source in ZOO and ZOO[source].args:
+        converted["args"] = dict(ZOO[source].args)
     return converted
 
 

@@ -51,8 +51,12 @@ class Detector:
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, device: str | torch.device | None = None, *,
-                        names_json: str | os.PathLike | None = None, optimize: bool = True, **flags: Any) -> Detector:
-        """Load any checkpoint that `main.py --resume` reads: ours, official DETA, detrex or an HF model folder.
+                        names_json: str | os.PathLike | None = None, use_ema: bool = True,
+                        optimize: bool = True, **flags: Any) -> Detector:
+        """Load any checkpoint that `main.py --resume` reads: ours, official DETA, detrex or an HF model folder,
+        by path, http(s) URL or model-zoo name (docs/MODEL_ZOO.md; downloaded once into torch's hub cache).
+        The weights are the EMA's where the checkpoint has one (main.py --ema), saying so in a warning, unless
+        `use_ema` is False.
 
         The model is the one of the arguments saved in the checkpoint (`deta.config.checkpoint_args`). Keyword
         arguments are the model's flags (deta.config, main.py's) by their argument names and override them
@@ -67,7 +71,7 @@ class Detector:
         if device is not None:
             args.device = str(device)
         model, _, postprocessors = build_model(args)
-        load_model_weights(model, checkpoint["model"])
+        load_model_weights(model, _inference_weights(checkpoint, path, use_ema))
         model_device = next(model.parameters()).device
         if args.amp and model_device.type == "cuda" and not torch.cuda.is_bf16_supported():
             raise InputError(f"amp: {model_device} has no bf16 support; drop amp=True")
@@ -117,6 +121,17 @@ class Detector:
             kept["names"] = [self.class_names.get(label, str(label)) for label in kept["labels"].tolist()]
             detections.append(kept)
         return detections
+
+
+def _inference_weights(checkpoint: dict, path: str | os.PathLike, use_ema: bool) -> dict[str, Tensor]:
+    """The EMA of a checkpoint's weights where it has one (and `use_ema`), else its weights."""
+    ema = checkpoint.get("ema")
+    if not use_ema or not ema:
+        return checkpoint["model"]
+    warnings.warn(f"checkpoint {path}: using its EMA weights (the moving average of {ema['updates']} training steps, "
+                  "which main.py --ema evaluates beside the model); pass use_ema=False (--no_ema) for the trained "
+                  "weights", stacklevel=3)
+    return ema["model"]
 
 
 def _as_rgb(image: ImageInput) -> Image.Image:

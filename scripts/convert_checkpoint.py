@@ -1,9 +1,10 @@
 """Convert a DETA checkpoint between formats, checking every tensor against the model it belongs to.
 
     python scripts/convert_checkpoint.py [--from auto|deta|official|detrex|hf] [--to deta|official|detrex|hf]
-        IN OUT [-- MAIN_PY_FLAGS...]
+        [--no_ema] IN OUT [-- MAIN_PY_FLAGS...]
 
-IN is a checkpoint file, or an HF model folder; with `--to hf`, OUT is a folder that receives
+IN is a checkpoint file or an HF model folder, by path, http(s) URL or model-zoo name (docs/MODEL_ZOO.md);
+with `--to hf`, OUT is a folder that receives
 model.safetensors and config.json (transformers 4.x `DetaForObjectDetection.from_pretrained` loads it;
 class names saved in the checkpoint become id2label). The architecture comes from the arguments saved
 with the checkpoint (official: its argparse Namespace; ours: main.py's; HF: config.json beside the
@@ -35,9 +36,16 @@ from deta.errors import InputError, NoSpaceError, command_line_message
 from deta.formats.hf import config_json
 
 
-def convert(source: str, target: str, source_format: str, target_format: str, overrides: list[str]) -> None:
+def convert(source: str, target: str, source_format: str, target_format: str, overrides: list[str],
+            use_ema: bool = True) -> None:
     _refuse_to_overwrite(Path(source), Path(target), target_format)
     checkpoint = load_checkpoint(source, source_format)
+    if target_format != "deta" and "ema" in checkpoint:  # other code bases hold one set of weights
+        ema = checkpoint.pop("ema")
+        if use_ema:
+            checkpoint["model"] = ema["model"]
+            print(f"{source}: converting its EMA weights (the moving average of {ema['updates']} training steps); "
+                  "--no_ema converts the trained weights")
     args = checkpoint_args(checkpoint, f"checkpoint {source}", model_flags(overrides))
     args.device = "cpu"
     model, _, _ = deta.build_model(args)
@@ -74,6 +82,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--from", dest="source_format", default="auto", choices=("auto", *SOURCE_FORMATS))
     parser.add_argument("--to", dest="target_format", default="deta", choices=TARGET_FORMATS)
+    parser.add_argument("--no_ema", dest="use_ema", action="store_false",
+                        help="to another format, the trained weights of a main.py --ema checkpoint rather than "
+                             "(the default) their average; our format keeps both")
     parser.add_argument("input", help="checkpoint file, or HF model folder")
     parser.add_argument("output")
     parser.epilog = "main.py flags after '--' override the model arguments saved in the checkpoint"
@@ -81,7 +92,8 @@ def main() -> None:
     split = argv.index("--") if "--" in argv else len(argv)
     options = parser.parse_args(argv[:split])
     try:
-        convert(options.input, options.output, options.source_format, options.target_format, argv[split + 1:])
+        convert(options.input, options.output, options.source_format, options.target_format, argv[split + 1:],
+                options.use_ema)
     except InputError as error:
         print(f"error: {command_line_message(error)}", file=sys.stderr)
         sys.exit(2)

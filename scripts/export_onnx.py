@@ -1,10 +1,11 @@
 """Export a trained DETA to ONNX, and check the graph in ONNX Runtime against PyTorch.
 
     python scripts/export_onnx.py --resume CKPT --out model.onnx [--postprocess] [--num_detections N]
-                                  [--opset 18] [--verify [HxW ...]] [--names_json ANNOTATIONS.json]
+                                  [--opset 18] [--verify [HxW ...]] [--names_json ANNOTATIONS.json] [--no_ema]
                                   [-- MAIN_PY_FLAGS...]
 
-Reads every checkpoint format that main.py reads; the model is the one of the checkpoint's saved arguments,
+Reads every checkpoint format that main.py reads, by path, URL or model-zoo name; the EMA weights of a
+main.py --ema checkpoint unless --no_ema. The model is the one of the checkpoint's saved arguments,
 and main.py flags after '--' override them (needed for detrex checkpoints, which save none). The graph takes
 `images` (N×3×H×W float32, resized and normalised as `deta.Detector.preprocess` does; N, H and W dynamic;
 the images of one call share their size, unpadded) and returns `pred_logits` and `pred_boxes`. With
@@ -20,6 +21,7 @@ The exit status is 1 when a check fails.
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -55,7 +57,8 @@ def metadata(detector: Detector) -> dict[str, str]:
 
 
 def export(checkpoint: str, out: Path, postprocess: bool, num_detections: int | None, opset: int,
-           verify_sizes: list[tuple[int, int]] | None, names_json: str | None, overrides: list[str]) -> bool:
+           verify_sizes: list[tuple[int, int]] | None, names_json: str | None, overrides: list[str],
+           use_ema: bool = True) -> bool:
     """Export, then verify if asked; True unless a check failed."""
     if num_detections is not None and not postprocess:
         raise InputError("--num_detections: only the post-processing has a detection count; add --postprocess")
@@ -64,8 +67,12 @@ def export(checkpoint: str, out: Path, postprocess: bool, num_detections: int | 
     if input_file_at(out, checkpoint) is not None:
         raise InputError(f"--out {out}: that is the checkpoint being exported (or a link to it); choose another "
                          "output file")
-    detector = Detector.from_checkpoint(checkpoint, names_json=names_json, **{**model_flags(overrides),
-                                                                              "device": "cpu"})
+    with warnings.catch_warnings(record=True) as caught:  # a command line says them in one line each
+        warnings.simplefilter("always")
+        detector = Detector.from_checkpoint(checkpoint, names_json=names_json, use_ema=use_ema,
+                                            **{**model_flags(overrides), "device": "cpu"})
+    for warning in caught:
+        print(f"warning: {warning.message}", file=sys.stderr)
     export_onnx(detector.model, out, postprocess=detector.postprocess if postprocess else None,
                 num_detections=num_detections, opset=opset, metadata=metadata(detector))
     print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, opset {opset}"
@@ -98,6 +105,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--verify", type=image_size, nargs="*", default=None, metavar="HxW",
                         help="compare ONNX Runtime with PyTorch at these image sizes (default: "
                              f"{' and '.join(DEFAULT_VERIFY_SIZES)})")
+    parser.add_argument("--no_ema", dest="use_ema", action="store_false",
+                        help="the trained weights of a main.py --ema checkpoint, not (the default) their average")
     parser.add_argument("--names_json", default=None,
                         help="COCO-format annotation file whose categories name the classes (stored in the file)")
     argv = sys.argv[1:] if argv is None else argv
@@ -108,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
         verify = [image_size(size) for size in DEFAULT_VERIFY_SIZES]
     try:
         ok = export(options.resume, Path(options.out), options.postprocess, options.num_detections, options.opset,
-                    verify, options.names_json, argv[split + 1:])
+                    verify, options.names_json, argv[split + 1:], options.use_ema)
     except InputError as err:
         print(f"error: {command_line_message(err)}", file=sys.stderr)
         sys.exit(2)

@@ -1,9 +1,10 @@
 """Detect objects in images with a trained DETA; draw them and save them in the COCO results format.
 
     python scripts/predict.py --resume CKPT IMAGE_OR_DIR... --out DIR [--score_threshold 0.3]
-                              [--names_json ANNOTATIONS.json] [-- MAIN_PY_FLAGS...]
+                              [--names_json ANNOTATIONS.json] [--no_ema] [-- MAIN_PY_FLAGS...]
 
-A command line over `deta.Detector`. Reads every checkpoint format that main.py reads. The model is the one
+A command line over `deta.Detector`. Reads every checkpoint format that main.py reads, by path, URL or
+model-zoo name, and the EMA weights of a main.py --ema checkpoint unless --no_ema. The model is the one
 of the arguments saved in the checkpoint; main.py flags after '--' override them (e.g. -- --device cpu
 --eval_size 600, or --amp for bf16) and are needed for a checkpoint that saves none. Images are resized as
 for evaluation (--eval_size, --max_size); photos are turned upright by their EXIF orientation.
@@ -83,13 +84,14 @@ def draw(image: Image.Image, detections: list[dict], names: dict[int, str]) -> I
 
 
 def predict(checkpoint_path: str, inputs: list[str], out_dir: Path, score_threshold: float,
-            names_json: str | None, overrides: list[str]) -> None:
+            names_json: str | None, overrides: list[str], use_ema: bool = True) -> None:
     """Write the drawings and JSON files into `out_dir`."""
     paths = image_paths(inputs)
     drawings = output_names(paths)
     with warnings.catch_warnings(record=True) as caught:  # a command line says them in one line each
         warnings.simplefilter("always")
-        detector = Detector.from_checkpoint(checkpoint_path, names_json=names_json, **model_flags(overrides))
+        detector = Detector.from_checkpoint(checkpoint_path, names_json=names_json, use_ema=use_ema,
+                                            **model_flags(overrides))
     for warning in caught:
         print(f"warning: {warning.message}", file=sys.stderr)
     if detector.device.type == "cpu":
@@ -135,6 +137,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("images", nargs="+", help="image files or folders of images")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--score_threshold", default=0.3, type=float, help="least score drawn and saved")
+    parser.add_argument("--no_ema", dest="use_ema", action="store_false",
+                        help="the trained weights of a main.py --ema checkpoint, not (the default) their average")
     parser.add_argument("--names_json", default=None,
                         help="COCO-format annotation file whose categories name the classes (default: the names "
                              "saved in the checkpoint, else COCO's for 91-class models)")
@@ -143,7 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     options = parser.parse_intermixed_args(argv[:split])
     try:
         predict(options.resume, options.images, _output_folder(options.out), options.score_threshold,
-                options.names_json, argv[split + 1:])
+                options.names_json, argv[split + 1:], options.use_ema)
     except InputError as err:
         print(f"error: {command_line_message(err)}", file=sys.stderr)
         sys.exit(2)

@@ -201,3 +201,21 @@ def test_class_head_size_reads_the_head_or_names_the_flag_that_gives_it() -> Non
     assert class_head_size({"class_embed.0.bias": torch.zeros(91)}, "--resume", "--num_classes") == 91
     with pytest.raises(InputError, match="^--resume: the checkpoint has no class_embed.0.bias .*; pass --num_classes$"):
         class_head_size({"backbone.0.weight": torch.zeros(1)}, "--resume", "--num_classes")
+
+
+@pytest.mark.parametrize("use_ema", [True, False])
+def test_convert_takes_the_ema_weights_to_another_format_unless_told(training_checkpoint, tmp_path, capsys, use_ema):
+    saved = torch.load(training_checkpoint, weights_only=True)
+    average = {key: value + 1 if value.is_floating_point() else value for key, value in saved["model"].items()}
+    source = tmp_path / "with_ema.pth"
+    torch.save({**saved, "ema": {"model": average, "updates": 5}}, source)
+    convert_checkpoint.convert(str(source), str(tmp_path / "official.pth"), "auto", "official", [], use_ema)
+    converted = torch.load(tmp_path / "official.pth", weights_only=False)
+    expected = to_official(average if use_ema else saved["model"], two_stage=True, with_box_refine=True)
+    assert "ema" not in converted and converted["model"].keys() == expected.keys()
+    assert all(torch.equal(converted["model"][key], value) for key, value in expected.items())
+    assert ("converting its EMA weights (the moving average of 5 training steps)" in capsys.readouterr().out) == use_ema
+    convert_checkpoint.convert(str(source), str(tmp_path / "ours.pth"), "auto", "deta", [], use_ema)
+    ours = torch.load(tmp_path / "ours.pth", weights_only=False)  # our format keeps both
+    assert all(torch.equal(ours["ema"]["model"][key], value) for key, value in average.items())
+    assert all(torch.equal(ours["model"][key], value) for key, value in saved["model"].items())

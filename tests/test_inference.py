@@ -154,3 +154,24 @@ def test_bad_images_are_input_errors(detector: deta.Detector, image: object, mes
 def test_unknown_flags_are_input_errors(tiny_checkpoint: Path) -> None:
     with pytest.raises(InputError, match="unknown main.py flag"):
         deta.Detector.from_checkpoint(tiny_checkpoint, eval_sise=600)
+
+
+def test_the_ema_weights_of_a_checkpoint_are_read_by_default_and_said(images: list[Path], tiny_checkpoint: Path,
+                                                                      tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture) -> None:
+    saved = torch.load(tiny_checkpoint, weights_only=True)
+    average = {key: value + 0.01 if value.is_floating_point() else value for key, value in saved["model"].items()}
+    path = tmp_path / "with_ema.pth"
+    torch.save({**saved, "ema": {"model": average, "updates": 7, "decay": 0.9997, "warmup": 2000}}, path)
+    with pytest.warns(UserWarning, match=r"using its EMA weights \(the moving average of 7 training steps"):
+        detector = deta.Detector.from_checkpoint(path, device="cpu")
+    assert all(torch.equal(detector.model.state_dict()[key], value) for key, value in average.items())
+    trained = deta.Detector.from_checkpoint(path, device="cpu", use_ema=False)
+    assert all(torch.equal(trained.model.state_dict()[key], value) for key, value in saved["model"].items())
+    # predict.py says it in one line, and --no_ema reads the trained weights
+    predict.main(["--resume", str(path), str(images[0]), "--out", str(tmp_path / "ema")])
+    assert "warning: checkpoint " + str(path) + ": using its EMA weights" in capsys.readouterr().err
+    predict.main(["--resume", str(path), str(images[0]), "--out", str(tmp_path / "trained"), "--no_ema"])
+    assert "EMA" not in capsys.readouterr().err
+    expected = coco_detections(1, trained.predict(images[0], 0.3))
+    assert json.loads((tmp_path / "trained" / "detections.json").read_text()) == pytest.approx(expected)

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from local_http import Routes, serve
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import main as main_module
 from datasets.loading import DetectionLoader
@@ -77,12 +79,21 @@ def test_training_writes_checkpoint_log_and_results(one_epoch: Path) -> None:
     (line,) = (one_epoch / "log.txt").read_text().splitlines()
     stats = json.loads(line)
     assert stats["epoch"] == 0 and stats["train_loss"] > 0 and 0 <= stats["test_AP"] <= 1
+    # per class: the AP and AP50 of each shape the validation images have
+    val = json.loads(Path(checkpoint["args"]["val_json"]).read_text())
+    shapes = {checkpoint["category_names"][a["category_id"]] for a in val["annotations"] if not a["iscrowd"]}
+    assert shapes and {key[len(metric):] for key in stats for metric in ("test_AP/", "test_AP50/")
+                       if key.startswith(metric)} == shapes
+    assert all(f"test_AP50/{shape}" in stats for shape in shapes)
     assert {d["image_id"] for d in json.loads((one_epoch / "coco_results.json").read_text())} == {1, 2, 3}
-    assert list(one_epoch.glob("events.out.tfevents.*"))
+    (events,) = one_epoch.glob("events.out.tfevents.*")
+    tags = EventAccumulator(str(events)).Reload().Tags()["scalars"]
+    assert {"test/AP", "test/AP50"} | {f"test/{m}/{shape}" for m in ("AP", "AP50") for shape in shapes} <= set(tags)
 
 
 def test_resume_after_a_kill_matches_an_uninterrupted_run(data_flags: list[str], tmp_path: Path) -> None:
-    flags = [*TINY, *data_flags, "--epochs", "2", "--batch_size", "1"]
+    """With --ema: the average of the weights resumes bit for bit too, and so does the best checkpoint."""
+    flags = [*TINY, *data_flags, "--epochs", "2", "--batch_size", "1", "--ema", "--ema_warmup", "2"]
     uninterrupted = run_script(*flags, "--output_dir", str(tmp_path / "a"))
     assert uninterrupted.returncode == 0, uninterrupted.stderr
 
@@ -101,10 +112,18 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(data_flags: list[str],
     expected, actual = weights(tmp_path / "a" / "checkpoint.pth"), weights(tmp_path / "b" / "checkpoint.pth")
     assert expected.keys() == actual.keys()
     assert all(torch.equal(expected[k], actual[k]) for k in expected), "resumed weights differ"
+    ema_a, ema_b = (torch.load(tmp_path / run / "checkpoint.pth", weights_only=True)["ema"] for run in "ab")
+    assert ema_a["updates"] == ema_b["updates"] == 8 and ema_a["model"].keys() == expected.keys()
+    assert all(torch.equal(ema_a["model"][k], ema_b["model"][k]) for k in expected), "resumed EMA differs"
+    assert not all(torch.equal(ema_a["model"][k], expected[k]) for k in expected)  # an average, not the weights
+    best_a, best_b = (torch.load(tmp_path / run / "checkpoint_best.pth", weights_only=True) for run in "ab")
+    assert (best_a["epoch"], best_a["AP"], best_a["weights"]) == (best_b["epoch"], best_b["AP"], best_b["weights"])
     # the epochs the killed run did not finish are logged once, and alike
     log_a = [json.loads(line) for line in (tmp_path / "a" / "log.txt").read_text().splitlines()]
     log_b = [json.loads(line) for line in (tmp_path / "b" / "log.txt").read_text().splitlines()]
     assert [s["epoch"] for s in log_b] == [0, 1] and log_b == log_a
+    assert all({"test_AP", "test_ema_AP"} <= record.keys() for record in log_a)
+    assert best_a["AP"] == max(max(r["test_AP"], r["test_ema_AP"]) for r in log_a)
 
 
 def test_resume_applies_a_new_schedule_and_says_so(data_flags: list[str], one_epoch: Path, tmp_path: Path,
@@ -260,16 +279,43 @@ def test_resume_of_a_checkpoint_without_arguments_asks_for_the_model_flags(
                                  "trained with")
 
 
-def test_finetune_replaces_a_class_head_of_another_size(data_flags: list[str], one_epoch: Path,
-                                                        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    run_main(*TINY, *data_flags, "--epochs", "1", "--num_classes", "9", "--finetune", str(one_epoch / "checkpoint.pth"),
-             "--output_dir", str(tmp_path))
+def test_finetune_from_a_url_replaces_a_class_head_of_another_size(data_flags: list[str], one_epoch: Path,
+                                                                   tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    routes = Routes(files={"/ckpt.pth": (one_epoch / "checkpoint.pth").read_bytes()})
+    with serve(routes) as base:
+        run_main(*TINY, *data_flags, "--epochs", "1", "--num_classes", "9", "--finetune", f"{base}/ckpt.pth",
+                 "--output_dir", str(tmp_path / "run"))
+    assert (tmp_path / "torch_home" / "hub" / "checkpoints" / "ckpt.pth").is_file()
+    tmp_path = tmp_path / "run"
     assert ("--finetune: re-initialised 4 class-head tensor(s) whose size differs from the checkpoint's: "
             "class_embed.0.weight, class_embed.0.bias, class_embed.1.weight, class_embed.1.bias"
             ) in capsys.readouterr().out
     source, tuned = weights(one_epoch / "checkpoint.pth"), weights(tmp_path / "checkpoint.pth")
     assert tuned["class_embed.0.bias"].shape == (9,)
     assert tuned["backbone.0.body.conv1.weight"].shape == source["backbone.0.body.conv1.weight"].shape
+
+
+def test_patience_stops_without_improvement_and_leaves_a_resumable_run(data_flags: list[str], tmp_path: Path,
+                                                                       capsys: pytest.CaptureFixture) -> None:
+    """Learning rates 0: the AP of epoch 0 is never beaten, so --patience 1 stops after epoch 1."""
+    flags = [*TINY, *data_flags, "--lr", "0", "--lr_backbone", "0", "--output_dir", str(tmp_path)]
+    run_main(*flags, "--epochs", "4", "--patience", "1")
+    out = capsys.readouterr().out
+    assert out.count("per class:\nclass") == 2  # the table of every evaluation
+    assert "epoch 0: AP " in out and "is the best so far; saved to" in out
+    assert ("--patience 1: no AP improvement in the 1 evaluations since epoch 0 (best AP "
+            ) in out and "stopping after epoch 1" in out
+    assert [json.loads(line)["epoch"] for line in (tmp_path / "log.txt").read_text().splitlines()] == [0, 1]
+    best = torch.load(tmp_path / "checkpoint_best.pth", weights_only=True)
+    assert best["epoch"] == 0 and best["weights"] == "model" and best["model"].keys() == weights(
+        tmp_path / "checkpoint.pth").keys()
+    assert torch.load(tmp_path / "checkpoint.pth", weights_only=True)["epoch"] == 1
+    # the stopped run resumes; its log's history still counts (epoch 2 does not improve either)
+    run_main(*flags, "--epochs", "4", "--patience", "2", "--resume", str(tmp_path / "checkpoint.pth"))
+    assert "--patience 2: no AP improvement in the 2 evaluations since epoch 0" in capsys.readouterr().out
+    assert [json.loads(line)["epoch"] for line in (tmp_path / "log.txt").read_text().splitlines()] == [0, 1, 2]
 
 
 def test_nan_loss_stops_and_keeps_the_last_checkpoint(data_flags: list[str], one_epoch: Path, tmp_path: Path,
@@ -300,7 +346,9 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(data_flags: list[str], one
     assert capsys.readouterr().err == ("error: loss is nan at epoch 1, iteration 1/2 (loss_giou=nan); stopped "
                                        "without saving this epoch, the last checkpoint is intact\n")
     assert (tmp_path / "checkpoint.pth").read_bytes() == before
-    assert sorted(p.name for p in tmp_path.glob("*.pth")) == ["checkpoint.pth"]
+    # the resumed epoch 0 was evaluated (the copy has no log.txt): its best checkpoint; nothing of epoch 1
+    assert sorted(p.name for p in tmp_path.glob("*.pth")) == ["checkpoint.pth", "checkpoint_best.pth"]
+    assert torch.load(tmp_path / "checkpoint_best.pth", weights_only=True)["epoch"] == 0
 
 
 def _without_optimizer(checkpoint: dict) -> None:
@@ -336,6 +384,13 @@ def test_resume_rejects_an_unusable_optimizer_state(spoil, message: str, data_fl
     (("--lr_drop", "0"), "error: --lr_drop 0: must be 1 or more"),
     (("--hidden_dim", "48"), "error: --hidden_dim 48: must be a multiple of 32"),
     (("--eval",), "error: --eval needs the checkpoint to evaluate: pass --resume CKPT"),
+    (("--ema", "--ema_decay", "1"), "error: --ema_decay 1.0: must be in (0, 1)"),
+    (("--ema_decay", "0"), "error: --ema_decay 0.0: must be in (0, 1)"),
+    (("--patience", "0", "--coco_path", "/data"), "error: --patience 0: must be 1 or more"),
+    (("--patience", "3", "--train_json", "t.json", "--train_images", "t"),
+     "error: --patience 3: early stopping needs a validation set to evaluate; pass --val_json FILE"),
+    (("--finetune", "deta_r50_typo"), "error: checkpoint deta_r50_typo: no such file, nor an http(s) URL or a "
+                                      "model-zoo name (known names: deta_r50_5scale_12ep_bs8, "),
     # before any data or checkpoint is read: neither is given or readable here
     (("--output_dir", "{file}/run"), "error: --output_dir {file}/run: cannot write there (Not a directory)"),
     (("--eval", "--resume", "{corrupt}", "--output_dir", "{file}"), "error: --output_dir {file}: cannot write there"),
@@ -352,6 +407,17 @@ def test_bad_input_is_a_one_line_error(flags: tuple[str, ...], message: str, tmp
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith(message) and err.count("\n") == 1, err
+
+
+def test_a_failed_download_is_one_line_and_writes_nothing(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    with serve(Routes()) as base, pytest.raises(SystemExit) as exit_info:
+        run_main(*TINY, "--finetune", f"{base}/ckpt.pth", "--output_dir", str(tmp_path / "run"))
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == (f"error: --finetune: download of {base}/ckpt.pth failed (HTTP Error 404: Not "
+                                       "Found); check the URL and the connection\n")
+    assert not (tmp_path / "run").exists() and not list((tmp_path / "torch_home").rglob("*.*"))
 
 
 def test_bad_input_exits_without_traceback() -> None:

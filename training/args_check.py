@@ -12,7 +12,7 @@ from deta.config import check_model_args
 from deta.errors import ArgumentError, InputError
 
 AT_LEAST_ONE = ("batch_size", "epochs", "lr_drop", "print_freq")
-AT_LEAST_ZERO = ("num_workers", "start_epoch")
+AT_LEAST_ZERO = ("num_workers", "start_epoch", "ema_warmup")
 NON_NEGATIVE_FLOATS = ("lr", "lr_linear_proj_mult", "weight_decay", "clip_max_norm")
 
 
@@ -35,6 +35,13 @@ def validate_args(args: argparse.Namespace) -> None:
     if not args.resume and args.start_epoch >= args.epochs:
         raise InputError(f"--start_epoch {args.start_epoch} leaves nothing to train with --epochs {args.epochs}; "
                          "pass a larger --epochs")
+    _require(args, "ema_decay", 0 < args.ema_decay < 1, "must be in (0, 1), e.g. 0.9997 (the average's weight)")
+    if args.patience is not None:
+        _require(args, "patience", args.patience >= 1, "must be 1 or more (evaluations without an AP improvement "
+                 "before training stops); leave it out to train all --epochs")
+        if not (args.val_json or args.coco_path):
+            raise InputError(f"--patience {args.patience}: early stopping needs a validation set to evaluate; pass "
+                             "--val_json FILE and --val_images DIR, or --coco_path DIR")
     parse_sizes(args.train_sizes)
 
 

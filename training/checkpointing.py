@@ -4,6 +4,7 @@
 Stage-1 assignment samples anchors from torch's generator, and the augmentations draw from it too
 (data-loader workers are seeded from it), so these states must travel with the weights.
 """
+import argparse
 import random
 from pathlib import Path
 from typing import Any
@@ -12,9 +13,12 @@ import numpy as np
 import torch
 
 from deta.checkpoint import save_atomically
+from deta.errors import InputError
+from deta.hub import checkpoint_file, is_remote
+from training.distributed import all_gather_object, get_rank
 
 # What save_atomically names its temporary files (`.NAME.<random>.tmp`), for the files a run writes.
-_TEMPORARIES = (".checkpoint*.pth.*.tmp", ".log.txt.*.tmp", ".coco_results.json.*.tmp", ".coco_stats.json.*.tmp")
+_TEMPORARIES = (".checkpoint*.pth.*.tmp", ".log.txt.*.tmp", ".*coco_results.json.*.tmp", ".*coco_stats.json.*.tmp")
 
 
 def save_checkpoint(checkpoint: dict[str, Any], output_dir: Path, epoch: int, lr_drop: int) -> list[Path]:
@@ -41,6 +45,21 @@ def remove_stale_temporaries(output_dir: Path) -> list[Path]:
         path.unlink(missing_ok=True)
     return stale
 
+
+def fetch_checkpoint(args: argparse.Namespace) -> None:
+    """A --resume/--finetune URL or zoo name downloaded into the hub cache by the main process, before anything is
+    written and before the other processes read the cached file (one download, one progress bar per machine
+    that shares the cache). A failed download is every process's InputError, naming the flag."""
+    flag, source = ("--resume", args.resume) if args.resume else ("--finetune", args.finetune)
+    problem = None
+    if source and is_remote(source) and get_rank() == 0:
+        try:
+            checkpoint_file(source)
+        except InputError as err:
+            problem = f"{flag}: {err}"
+    problem = all_gather_object(problem)[0]
+    if problem:
+        raise InputError(problem)
 
 
 def seed_everything(seed: int) -> None:

@@ -1,4 +1,4 @@
-"""Where a run writes: --output_dir; else, resuming, the folder of the --resume checkpoint; else a new
+"""Where a run writes: --output_dir; else, resuming a local file, the folder of the --resume checkpoint; else a new
 outputs/<date>-<time> folder. Training always saves somewhere it names; --eval writes only to --output_dir.
 
 The folder is created and tried with a file before anything else runs, so that a folder that cannot be
@@ -10,6 +10,7 @@ import tempfile
 from pathlib import Path
 
 from deta.errors import InputError
+from deta.hub import is_remote
 
 DEFAULT_ROOT = Path("outputs")
 
@@ -21,7 +22,7 @@ def choose_output_dir(args: argparse.Namespace) -> tuple[Path | None, str]:
         return Path(args.output_dir), "--output_dir"
     if args.eval:
         return None, ""
-    if args.resume:
+    if args.resume and not is_remote(args.resume):  # a download's folder is the hub cache: not a run's
         resume = Path(args.resume)
         return (resume if resume.is_dir() else resume.parent), "the --resume checkpoint's folder"
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")

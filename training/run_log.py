@@ -12,18 +12,23 @@ from deta.checkpoint import save_text_atomically
 LOG_NAME = "log.txt"
 
 
-def logged_epochs(output_dir: Path) -> set[int]:
-    """Epochs with a line in output_dir/log.txt (lines that are not such records are passed over)."""
+def logged_records(output_dir: Path) -> list[dict]:
+    """The epoch records of output_dir/log.txt, in order (lines that are not such records are passed over)."""
     path = output_dir / LOG_NAME
-    epochs = set()
+    records = []
     for line in path.read_text().splitlines() if path.is_file() else []:
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
             continue
         if isinstance(record, dict) and isinstance(record.get("epoch"), int):
-            epochs.add(record["epoch"])
-    return epochs
+            records.append(record)
+    return records
+
+
+def logged_epochs(output_dir: Path) -> set[int]:
+    """Epochs with a line in output_dir/log.txt."""
+    return {record["epoch"] for record in logged_records(output_dir)}
 
 
 def log_epoch(output_dir: Path, epoch: int, train_stats: dict[str, float], test_stats: dict[str, float]) -> None:
