@@ -112,7 +112,7 @@ class _Poisoned(nn.Module):
         super().__init__()
         self.weight_dict = {"loss_ce": 1.0, "loss_bbox": 5.0}
 
-    def forward(self, outputs: dict, targets: list) -> dict[str, torch.Tensor]:
+    def forward(self, outputs: dict, targets: list, num_boxes: float | None = None) -> dict[str, torch.Tensor]:
         return {"loss_ce": outputs["pred"].sum(), "loss_bbox": outputs["pred"].sum() * math.nan}
 
 

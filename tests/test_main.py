@@ -209,8 +209,8 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(data_flags: list[str], one
         model, criterion, postprocessors = build_model(args)
         calls, forward = [], criterion.forward
 
-        def poisoned(outputs: dict, targets: list) -> dict:
-            losses = forward(outputs, targets)
+        def poisoned(outputs: dict, targets: list, num_boxes: float | None = None) -> dict:
+            losses = forward(outputs, targets, num_boxes)
             calls.append(None)
             if len(calls) == 2:  # the first step has changed the weights in memory
                 losses["loss_giou"] = losses["loss_giou"] * float("nan")

@@ -45,6 +45,8 @@ def validate_args(args: argparse.Namespace) -> None:
     for name in NON_NEGATIVE_FLOATS:
         value = getattr(args, name)
         _require(args, name, math.isfinite(value) and value >= 0, "must be a finite number, 0 or more")
+    if args.accumulate is not None:
+        _require(args, "accumulate", args.accumulate >= 1, "must be 1 or more (micro-batches per optimizer step)")
     _require(args, "dropout", 0 <= args.dropout < 1, "must be in [0, 1)")
     _require(args, "focal_alpha", args.focal_alpha <= 1, "must be at most 1 (negative: no class balancing)")
     _require(args, "position_embedding_scale", math.isfinite(args.position_embedding_scale)
