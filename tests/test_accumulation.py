@@ -45,7 +45,8 @@ def test_accumulate_2_on_one_process_makes_the_weights_of_2_processes(data_flags
     actual = torch.load(one / "checkpoint.pth", map_location="cpu", weights_only=True)
     assert actual["epoch"] == expected["epoch"] == 1 and actual["args"]["accumulate"] == 2
     for name, value in expected["model"].items():
-        torch.testing.assert_close(actual["model"][name], value, rtol=0, atol=1e-6, msg=name)
+        torch.testing.assert_close(actual["model"][name], value, rtol=0, atol=1e-6,
+                                   msg=lambda m, name=name: f"{name}: {m}")
     # the virtual ranks' random states are the processes', bit for bit
     assert [torch.equal(a["torch"], b["torch"]) for a, b in zip(actual["rng_states"], expected["rng_states"],
                                                                  strict=True)] == [True, True]
@@ -78,7 +79,7 @@ def _official_normalisers(rank: int, port: int, results: "mp.Queue") -> None:
 
 
 def test_the_loss_normaliser_is_the_2_process_one_on_unequal_batches() -> None:
-    context = mp.get_context("spawn")
+    context = mp.get_context("fork")  # no re-import: the children only count boxes
     results = context.Queue()
     port = _free_port()
     processes = [context.Process(target=_official_normalisers, args=(rank, port, results)) for rank in range(2)]
@@ -92,3 +93,19 @@ def test_the_loss_normaliser_is_the_2_process_one_on_unequal_batches() -> None:
     accumulated = [effective_num_boxes(step[2 * i] + step[2 * i + 1], torch.device("cpu"))
                    for i in range(len(BATCHES))]
     assert accumulated == official[0]
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (("--accumulate", "0"), "error: --accumulate 0: must be 1 or more (micro-batches per optimizer step)"),
+    # 4 images in 4 shares of 1, for micro-batches of 2
+    (("--accumulate", "4"), "error: --accumulate 4: the 4 training images cannot fill one step of 1 process(es) × "
+                            "--batch_size 2 × --accumulate 4 (4 shares of 1 image(s)); lower --accumulate or "
+                            "--batch_size"),
+])
+def test_bad_accumulate_is_a_one_line_error(flags: tuple[str, ...], message: str, data_flags: list[str],
+                                            tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(*TINY, *data_flags, *flags, "--epochs", "1", "--output_dir", str(tmp_path))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err == message + "\n"

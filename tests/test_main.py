@@ -124,14 +124,15 @@ def test_resume_applies_a_new_schedule_and_says_so(data_flags: list[str], one_ep
 
 def test_r50_recipe_trains_padded_batches_and_evaluates_alike_at_any_batch_size(
         data_flags: list[str], tmp_path: Path) -> None:
-    """The acceptance run of the COCO recipe on a tiny COCO root (tiny model flags override the recipe's)."""
+    """The acceptance run of the COCO recipe on a tiny COCO root (tiny model flags override the recipe's), with
+    2 micro-batches per step (ACCUMULATE)."""
     paths = dict(flag.lstrip("-").split("=", 1) for flag in data_flags)
     coco = tmp_path / "coco"
     (coco / "annotations").mkdir(parents=True)
     for split in ("train", "val"):
         (coco / f"{split}2017").symlink_to(paths[f"{split}_images"])
         shutil.copy(paths[f"{split}_json"], coco / "annotations" / f"instances_{split}2017.json")
-    env = {**ENV, "GPUS": "1", "COCO_PATH": str(coco), "OUTPUT_DIR": str(tmp_path / "run"),
+    env = {**ENV, "GPUS": "1", "ACCUMULATE": "2", "COCO_PATH": str(coco), "OUTPUT_DIR": str(tmp_path / "run"),
            "MASTER_PORT": str(_free_port())}
     trained = subprocess.run(["bash", str(REPO / "scripts" / "r50_5scale_12ep.sh"), *TINY, "--epochs", "1"],
                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
@@ -139,6 +140,9 @@ def test_r50_recipe_trains_padded_batches_and_evaluates_alike_at_any_batch_size(
     checkpoint = torch.load(tmp_path / "run" / "checkpoint.pth", weights_only=True)
     assert checkpoint["args"]["train_batching"] == "padded" and checkpoint["args"]["eval_batching"] == "per_image"
     assert checkpoint["args"]["num_queries"] == 20 and checkpoint["args"]["dim_feedforward"] == 64
+    assert checkpoint["args"]["accumulate"] == 2 and len(checkpoint["rng_states"]) == 2
+    assert "effective batch: 1 process(es) × --batch_size 2 × --accumulate 2 = 4 images per optimizer step" \
+        in trained.stdout
 
     stats = []
     for batch_size in ("1", "2"):
