@@ -23,6 +23,7 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from xml.parsers import expat
 
 import yaml
 
@@ -202,20 +203,6 @@ def yolo_to_coco(root: str | Path, split: str | None = None) -> Conversion:
 
 # --- Pascal VOC ----------------------------------------------------------------------------------------------
 
-class _LineNumbers(ET.TreeBuilder):
-    """A TreeBuilder that remembers the line each element starts on (ElementTree does not)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.expat: Any = None
-        self.lines: dict[ET.Element, int] = {}
-
-    def start(self, tag: str, attrs: dict[str, str]) -> ET.Element:
-        element = super().start(tag, attrs)
-        self.lines[element] = self.expat.CurrentLineNumber
-        return element
-
-
 class _XmlProblem(Exception):
     def __init__(self, problem: Problem) -> None:
         super().__init__(str(problem))
@@ -223,15 +210,21 @@ class _XmlProblem(Exception):
 
 
 def _parse_xml(path: Path) -> tuple[ET.Element, dict[ET.Element, int]]:
-    """The root element of an XML file and the line of each element; a bad file raises _XmlProblem."""
-    builder = _LineNumbers()
-    parser = ET.XMLParser(target=builder)
-    builder.expat = parser.parser
+    """The root element of an XML file and the line each element starts on (ElementTree keeps none); a bad
+    file raises _XmlProblem."""
+    builder, lines = ET.TreeBuilder(), {}
+    parser = expat.ParserCreate()
+
+    def start(tag: str, attrs: dict[str, str]) -> None:
+        lines[builder.start(tag, attrs)] = parser.CurrentLineNumber
+
+    parser.StartElementHandler, parser.EndElementHandler, parser.CharacterDataHandler = start, builder.end, \
+        builder.data
     try:
-        parser.feed(path.read_bytes())
-        return parser.close(), builder.lines
-    except ET.ParseError as err:
-        raise _XmlProblem(Problem(path, err.position[0], f"not valid XML ({err})")) from err
+        parser.Parse(path.read_bytes(), True)
+    except expat.ExpatError as err:
+        raise _XmlProblem(Problem(path, err.lineno, f"not valid XML ({expat.errors.messages[err.code]})")) from err
+    return builder.close(), lines
 
 
 def _voc_classes(root: Path, annotations: list[Path]) -> list[str]:
