@@ -1,4 +1,6 @@
 """--accumulate: one process with N micro-batches per step makes the weights of N processes; its loss normaliser."""
+import json
+import math
 import socket
 import sys
 from pathlib import Path
@@ -109,3 +111,12 @@ def test_bad_accumulate_is_a_one_line_error(flags: tuple[str, ...], message: str
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err == message + "\n"
+
+
+def test_accumulate_with_amp_trains(data_flags: list[str], tmp_path: Path) -> None:
+    run_main(*TINY, *data_flags, "--batch_size", "1", "--accumulate", "2", "--amp", "--epochs", "1",
+             "--output_dir", str(tmp_path))
+    checkpoint = torch.load(tmp_path / "checkpoint.pth", map_location="cpu", weights_only=True)
+    assert checkpoint["args"]["amp"] and checkpoint["args"]["accumulate"] == 2
+    stats = json.loads((tmp_path / "log.txt").read_text())
+    assert math.isfinite(stats["train_loss"]) and stats["train_loss"] > 0
