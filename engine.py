@@ -1,17 +1,21 @@
 """One training epoch, and one COCO evaluation pass."""
+import contextlib
 import json
 import logging
 import math
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from pycocotools.coco import COCO
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 
 from deta.checkpoint import save_text_atomically
+from training.accumulation import VirtualRanks, effective_num_boxes
 from training.coco_eval import coco_box_stats, coco_detections, gather_detections
 from training.distributed import is_main_process, reduce_mean
 from training.ema import ModelEMA
@@ -35,20 +39,33 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: DataLoa
     """Train for one pass over `data_loader`; returns the epoch means of the weighted losses, lr and grad norm.
     `ema`, if given, is updated after every optimizer step.
 
-    Raises NonFiniteLossError (on every process alike) before stepping on a NaN/inf loss.
+    `data_loader` yields (images, targets) batches, one per optimizer step, or is a VirtualRanks whose steps
+    are --accumulate micro-batches (training.accumulation). Raises NonFiniteLossError (on every process alike)
+    before stepping on a NaN/inf loss.
     """
     model.train()
     criterion.train()
+    virtual_ranks = data_loader if isinstance(data_loader, VirtualRanks) else None
     progress = Progress(f"Epoch [{epoch}]", print_freq, SHOWN)
-    for it, (images, targets) in enumerate(progress.track(data_loader)):
-        images, targets = _to_device(images, targets, device)
-        with _autocast(device, amp):
-            outputs = model(images)
-        loss_dict = criterion(_to_float(outputs), targets)
-        weighted = {k: v * criterion.weight_dict[k] for k, v in loss_dict.items() if k in criterion.weight_dict}
-        loss = sum(weighted.values())
+    for it, step in enumerate(progress.track(data_loader)):
+        micro_batches = step if virtual_ranks is not None else [step]
+        num_boxes = effective_num_boxes(micro_batches, device)
+        optimizer.zero_grad(set_to_none=True)
+        step_terms: dict[str, Tensor] = {}
+        for k, (images, targets) in enumerate(micro_batches):
+            with _micro_batch(model, virtual_ranks, k, last=k == len(micro_batches) - 1):
+                images, targets = _to_device(images, targets, device)
+                with _autocast(device, amp):
+                    outputs = model(images)
+                loss_dict = criterion(_to_float(outputs), targets, num_boxes=num_boxes)
+                # DDP averages the gradients over the processes; the micro-batches' are averaged here.
+                weighted = {name: value * criterion.weight_dict[name] / len(micro_batches)
+                            for name, value in loss_dict.items() if name in criterion.weight_dict}
+                sum(weighted.values()).backward()
+            for name, value in weighted.items():
+                step_terms[name] = step_terms.get(name, 0) + value.detach()
 
-        logged = reduce_mean(weighted)  # the same numbers on every process, so all of them stop together
+        logged = reduce_mean(step_terms)  # the same numbers on every process, so all of them stop together
         total = sum(logged.values())
         if not math.isfinite(total):
             bad = ", ".join(f"{k}={v}" for k, v in logged.items() if not math.isfinite(v))
@@ -56,8 +73,6 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: DataLoa
                                      f"({bad or 'every term finite, their sum overflowed'}); stopped without "
                                      "saving this epoch, the last checkpoint is intact")
 
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
         grad_norm = nn.utils.clip_grad_norm_(model.parameters(), max_norm if max_norm > 0 else math.inf)
         optimizer.step()
         if ema is not None:
@@ -70,6 +85,18 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: DataLoa
             for name, value in values.items():
                 writer.add_scalar(f"train/{name}", value, step)
     return progress.averages()
+
+
+@contextlib.contextmanager
+def _micro_batch(model: nn.Module, virtual_ranks: VirtualRanks | None, k: int, last: bool) -> Iterator[None]:
+    """Micro-batch k of a step: under virtual rank k's random state; DDP reduces the gradients summed over the
+    step's micro-batches once, at the last."""
+    with contextlib.ExitStack() as stack:
+        if virtual_ranks is not None:
+            stack.enter_context(virtual_ranks.playing(k))
+        if not last and isinstance(model, DistributedDataParallel):
+            stack.enter_context(model.no_sync())
+        yield
 
 
 @torch.no_grad()

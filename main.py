@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import BatchSampler, DistributedSampler
+from torch.utils.data import DistributedSampler
 from torch.utils.tensorboard import SummaryWriter
 
 from datasets import DetectionLoader, build_dataset, resolve_num_classes
@@ -27,6 +27,7 @@ from deta.checkpoint import class_head_size, load_checkpoint, load_model_weights
 from deta.config import add_model_args, architecture_differences, given_args, saved_args, take_saved
 from deta.errors import InputError, NoSpaceError, command_line_message
 from engine import NonFiniteLossError, evaluate, train_one_epoch
+from training.accumulation import VirtualRanks, effective_batch_line, resolve_accumulate
 from training.args_check import validate_args, validate_model_args
 from training.best_checkpoint import BestCheckpoint
 from training.checkpointing import (
@@ -70,6 +71,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                      type=str, nargs="+")
     opt.add_argument("--lr_linear_proj_mult", default=0.1, type=float)
     opt.add_argument("--batch_size", default=2, type=int, help="images per process")
+    opt.add_argument("--accumulate", default=None, type=int,
+                     help="micro-batches of --batch_size per optimizer step: P processes then make the exact update "
+                          "of P x N processes (e.g. 2 GPUs with --accumulate 4: the published 8x2 batch); default: "
+                          "the --resume checkpoint's, else 1")
     opt.add_argument("--weight_decay", default=1e-4, type=float)
     opt.add_argument("--epochs", default=50, type=int)
     opt.add_argument("--lr_drop", default=40, type=int, help="epochs between 10x learning-rate drops")
@@ -187,6 +192,9 @@ def _run(args: argparse.Namespace, given: Collection[str] | None, last: LastChec
                              for name, value in from_checkpoint.items()))
     log.info(f"{world_size} process(es) on {device}; {args}")
 
+    args.accumulate = resolve_accumulate(args, checkpoint)
+    if not args.eval:
+        log.info(effective_batch_line(args, world_size))
     evaluate_first = False  # the resumed epoch's evaluation, cut short by the end of the last run
     if args.resume and not args.eval:
         last.path, last.epoch = Path(args.resume), checkpoint.get("epoch")
@@ -232,14 +240,8 @@ def _run(args: argparse.Namespace, given: Collection[str] | None, last: LastChec
         return
 
     dataset_train = build_dataset("train", args)
-    # The shuffle depends only on (seed, epoch), on one process as on many.
-    sampler_train = DistributedSampler(dataset_train, world_size, rank, shuffle=True, seed=args.seed)
-    loader_train = DetectionLoader(dataset_train, batch_sampler=BatchSampler(sampler_train, args.batch_size,
-                                                                             drop_last=True),
-                                   num_workers=args.num_workers, pin_memory=device.type == "cuda")
-    if len(loader_train) == 0:  # the data set itself is not empty: build_dataset refuses that
-        raise InputError(f"--batch_size {args.batch_size}: the {len(dataset_train)} training images give "
-                         f"{world_size} process(es) less than one batch each; lower --batch_size")
+    # Shards, loaders and random states of this process's --accumulate virtual ranks (seeded here).
+    virtual_ranks = VirtualRanks(dataset_train, args, rank, world_size, device)
     optimizer = build_optimizer(model, args)
     lr_scheduler = torch.optim.lr_scheduler.StepLR(optimizer, args.lr_drop)
     train_model = model
@@ -248,7 +250,7 @@ def _run(args: argparse.Namespace, given: Collection[str] | None, last: LastChec
         train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                               find_unused_parameters=not args.aux_loss)
     if args.resume:
-        _restore_training_state(checkpoint, optimizer, lr_scheduler, args, device)
+        _restore_training_state(checkpoint, optimizer, lr_scheduler, args, virtual_ranks)
     # The run's earlier evaluations count towards the best AP and --patience (none when starting afresh).
     best = BestCheckpoint(output_dir if rank == 0 else None, args.patience,
                           [r for r in logged_records(output_dir) if r["epoch"] < args.start_epoch] if args.resume
@@ -273,12 +275,13 @@ def _run(args: argparse.Namespace, given: Collection[str] | None, last: LastChec
         log.info(f"training epochs {args.start_epoch}..{args.epochs - 1}, saving to {output_dir}")
         start = time.time()
         for epoch in range(args.start_epoch, args.epochs):
-            sampler_train.set_epoch(epoch)
-            train_stats = train_one_epoch(train_model, criterion, loader_train, optimizer, device, epoch,
+            virtual_ranks.set_epoch(epoch)
+            train_stats = train_one_epoch(train_model, criterion, virtual_ranks, optimizer, device, epoch,
                                           max_norm=args.clip_max_norm, amp=args.amp, print_freq=args.print_freq,
                                           writer=writer, ema=ema)
             lr_scheduler.step()
-            rng_states = all_gather_object(rng_state(device))  # every process's, for an exact resume
+            # every virtual rank's, in order, for an exact resume on any processes x --accumulate of that count
+            rng_states = [state for states in all_gather_object(virtual_ranks.rng_states()) for state in states]
             write_on_main_process(save_checkpoint,
                                   {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                    "lr_scheduler": lr_scheduler.state_dict(), "epoch": epoch, "args": vars(args),
@@ -404,7 +407,7 @@ def _build_ema(model: torch.nn.Module, checkpoint: dict[str, Any] | None, args: 
 
 def _restore_training_state(checkpoint: dict[str, Any], optimizer: torch.optim.Optimizer,
                             lr_scheduler: torch.optim.lr_scheduler.LRScheduler, args: argparse.Namespace,
-                            device: torch.device) -> None:
+                            virtual_ranks: VirtualRanks) -> None:
     """Optimizer, schedule, epoch and RNG of --resume, so the run continues as if never stopped."""
     missing = [key for key in ("optimizer", "lr_scheduler", "epoch") if key not in checkpoint]
     if missing:
@@ -426,11 +429,10 @@ def _restore_training_state(checkpoint: dict[str, Any], optimizer: torch.optim.O
     args.start_epoch = checkpoint["epoch"] + 1
     _apply_schedule_flags(optimizer, lr_scheduler, checkpoint, args)
     rng_states = checkpoint.get("rng_states") or []
-    if len(rng_states) == get_world_size():
-        set_rng_state(rng_states[get_rank()], device)
-    else:
-        log.warning(f"--resume: the checkpoint has RNG states of {len(rng_states)} process(es), not "
-                    f"{get_world_size()}; augmentation and sampling continue from fresh seeds")
+    if not virtual_ranks.restore_rng_states(rng_states):
+        log.warning(f"--resume: the checkpoint has RNG states of {len(rng_states)} (virtual) rank(s), not "
+                    f"{virtual_ranks.replicas} (processes x --accumulate); augmentation and sampling continue "
+                    "from fresh seeds")
 
 
 def _apply_schedule_flags(optimizer: torch.optim.Optimizer, lr_scheduler: torch.optim.lr_scheduler.StepLR,

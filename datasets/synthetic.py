@@ -93,14 +93,16 @@ def _overlap(a: list[int], b: list[int]) -> float:
     return inter_w * inter_h / min(a[2] * a[3], b[2] * b[3])
 
 
-def render_image(rng: np.random.Generator, height: int, width: int, max_objects: int,
-                 object_size: tuple[int, int]) -> tuple[np.ndarray, list[DrawnObject]]:
-    """One uint8 height x width x 3 image with 1..max_objects shapes, in drawing order (later on top)."""
+def render_image(rng: np.random.Generator, height: int, width: int, max_objects: int, object_size: tuple[int, int],
+                 categories: tuple[tuple[int, str, tuple[int, int, int]], ...] = CATEGORIES,
+                 ) -> tuple[np.ndarray, list[DrawnObject]]:
+    """One uint8 height x width x 3 image with 1..max_objects shapes of `categories`, in drawing order (later on
+    top)."""
     canvas = _background(rng, height, width)
     largest = min(object_size[1], height, width)
     objects: list[DrawnObject] = []
     for _ in range(int(rng.integers(1, max_objects + 1))):
-        category_id, name, colour = CATEGORIES[rng.integers(len(CATEGORIES))]
+        category_id, name, colour = categories[rng.integers(len(categories))]
         size = int(rng.integers(object_size[0], largest + 1))
         obj_w = int(np.clip(round(size * rng.uniform(0.8, 1.25)), object_size[0], width))
         obj_h = int(np.clip(round(size * rng.uniform(0.8, 1.25)), object_size[0], height))
@@ -121,14 +123,15 @@ def render_image(rng: np.random.Generator, height: int, width: int, max_objects:
 
 
 def _write_split(out_dir: Path, split: str, count: int, seed: int, image_size: tuple[int, int],
-                 object_size: tuple[int, int], max_objects: int) -> Path:
+                 object_size: tuple[int, int], max_objects: int,
+                 categories: tuple[tuple[int, str, tuple[int, int, int]], ...]) -> Path:
     image_dir = out_dir / split
     image_dir.mkdir(parents=True, exist_ok=True)
     images, annotations = [], []
     for index in range(count):
         rng = np.random.default_rng([seed, SPLIT_CODES[split], index])
         height, width = (int(side) for side in rng.integers(image_size[0], image_size[1] + 1, size=2))
-        pixels, objects = render_image(rng, height, width, max_objects, object_size)
+        pixels, objects = render_image(rng, height, width, max_objects, object_size, categories)
         file_name = f"{index:06d}.png"
         Image.fromarray(pixels).save(image_dir / file_name, format="PNG")
         image_id = index + 1
@@ -141,7 +144,7 @@ def _write_split(out_dir: Path, split: str, count: int, seed: int, image_size: t
         "info": {"description": f"synthetic shapes, {split} split, seed {seed}"},
         "images": images,
         "annotations": annotations,
-        "categories": [{"id": cid, "name": name, "supercategory": "shape"} for cid, name, _ in CATEGORIES],
+        "categories": [{"id": cid, "name": name, "supercategory": "shape"} for cid, name, _ in categories],
     }
     ann_file = out_dir / "annotations" / f"{split}.json"
     ann_file.parent.mkdir(parents=True, exist_ok=True)
@@ -151,10 +154,12 @@ def _write_split(out_dir: Path, split: str, count: int, seed: int, image_size: t
 
 def generate(out_dir: str | Path, seed: int = 0, num_train: int = 256, num_val: int = 64,
              image_size: tuple[int, int] = (128, 192), object_size: tuple[int, int] = (16, 64),
-             max_objects: int = 6) -> dict[str, Path]:
+             max_objects: int = 6, classes: tuple[str, ...] | None = None) -> dict[str, Path]:
     """Write the data set; return its paths keyed by main.py's flag names (train_json, train_images, ...).
 
-    Image height and width are drawn from `image_size` (min, max), object sides from `object_size`.
+    Image height and width are drawn from `image_size` (min, max), object sides from `object_size`. `classes`:
+    the shapes to draw (names of CATEGORIES), ids 1..K in that order (a second data set with other classes, for
+    fine-tuning); default all.
     """
     if not 0 < image_size[0] <= image_size[1]:
         raise InputError(f"--image_size: need 0 < MIN <= MAX, got {image_size[0]} {image_size[1]}")
@@ -163,13 +168,24 @@ def generate(out_dir: str | Path, seed: int = 0, num_train: int = 256, num_val: 
                          f"{image_size[0]}, got {object_size[0]} {object_size[1]}")
     if max_objects < 1:
         raise InputError(f"--max_objects: need at least 1, got {max_objects}")
+    categories = _chosen_categories(classes)
     out_dir = Path(out_dir)
     paths = {}
     for split, count in (("train", num_train), ("val", num_val)):
         paths[f"{split}_json"] = _write_split(out_dir, split, count, seed, image_size, object_size,
-                                              max_objects)
+                                              max_objects, categories)
         paths[f"{split}_images"] = out_dir / split
     return paths
+
+
+def _chosen_categories(classes: tuple[str, ...] | None) -> tuple[tuple[int, str, tuple[int, int, int]], ...]:
+    if classes is None:
+        return CATEGORIES
+    by_name = {name: colour for _, name, colour in CATEGORIES}
+    unknown = [name for name in classes if name not in by_name]
+    if unknown or not classes or len(set(classes)) != len(classes):
+        raise InputError(f"--classes {','.join(classes)}: give distinct shape names out of {', '.join(by_name)}")
+    return tuple((i + 1, name, by_name[name]) for i, name in enumerate(classes))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -183,10 +199,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--object_size", default=(16, 64), type=int, nargs=2, metavar=("MIN", "MAX"),
                         help="range of object sides")
     parser.add_argument("--max_objects", default=6, type=int, help="objects per image: 1 to this")
+    parser.add_argument("--classes", default=None, type=lambda text: tuple(text.split(",")),
+                        help="comma-separated shapes to draw, category ids 1..K in this order (default: all)")
     args = parser.parse_args(argv)
     try:
         paths = generate(args.out, args.seed, args.num_train, args.num_val, tuple(args.image_size),
-                         tuple(args.object_size), args.max_objects)
+                         tuple(args.object_size), args.max_objects, args.classes)
     except InputError as err:
         parser.error(str(err))
     print(" ".join(f"--{flag} {path}" for flag, path in paths.items()))

@@ -84,14 +84,18 @@ class SetCriterion(nn.Module):
         self.stage1_assigner = Stage1Assigner() if assign_first_stage else None
         self.stage2_assigner = Stage2Assigner(num_queries) if assign_second_stage else None
 
-    def forward(self, outputs: dict, targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
-        """outputs: the model's output dict; targets: per image, int64 `labels` and cxcywh `boxes`."""
+    def forward(self, outputs: dict, targets: list[dict[str, Tensor]],
+                num_boxes: float | None = None) -> dict[str, Tensor]:
+        """outputs: the model's output dict; targets: per image, int64 `labels` and cxcywh `boxes`; num_boxes:
+        the normaliser, by default these targets' boxes averaged over the processes (with gradient accumulation
+        the caller's, of the whole effective batch)."""
         # The stage-2 assignment depends only on the initial reference boxes, so all layers share it.
         if self.stage2_assigner is not None:
             indices = self.stage2_assigner(outputs, targets)
         else:
             indices = self.matcher(outputs, targets)
-        num_boxes = _num_boxes(targets, outputs["pred_logits"].device)
+        if num_boxes is None:
+            num_boxes = _num_boxes(targets, outputs["pred_logits"].device)
 
         losses = self._stage_losses(outputs, targets, indices, num_boxes, log=True)
         for i, aux_outputs in enumerate(outputs.get("aux_outputs", [])):

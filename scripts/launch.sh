@@ -2,6 +2,8 @@
 #
 # Environment (all optional):
 #   GPUS         processes (GPUs) per node                     default 8
+#   ACCUMULATE   micro-batches per optimizer step (--accumulate): GPUS=2 ACCUMULATE=4 makes the 8-GPU batch
+#                exactly                                        default 1, or the --resume checkpoint's
 #   NNODES       nodes                                         default 1
 #   NODE_RANK    this node's index, 0..NNODES-1                default 0
 #   MASTER_ADDR  host of node 0                                default 127.0.0.1
@@ -23,7 +25,8 @@ launch() {
     exec "$python" -m torch.distributed.run \
         --nnodes="${NNODES:-1}" --node_rank="${NODE_RANK:-0}" --nproc_per_node="${GPUS:-8}" \
         --master_addr="${MASTER_ADDR:-127.0.0.1}" --master_port="${MASTER_PORT:-29500}" \
-        "$repo/main.py" --coco_path "${COCO_PATH:-./data/coco}" --output_dir "${OUTPUT_DIR:-exps/$name}" "$@"
+        "$repo/main.py" --coco_path "${COCO_PATH:-./data/coco}" --output_dir "${OUTPUT_DIR:-exps/$name}" \
+        ${ACCUMULATE:+--accumulate "$ACCUMULATE"} "$@"
 }
 
 # The model of every DETA config (official configs/*.sh): two-stage Deformable DETR with box refinement,

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # DETA, ResNet-50, 12 epochs (official configs/deta.sh): 50.1 box AP on COCO val2017.
-# Usage: [GPUS=8] [COCO_PATH=...] [OUTPUT_DIR=...] scripts/r50_5scale_12ep.sh [main.py flags]
+# Usage: [GPUS=8] [ACCUMULATE=1] [COCO_PATH=...] [OUTPUT_DIR=...] scripts/r50_5scale_12ep.sh [main.py flags]
 source "$(dirname "$0")/launch.sh"
 launch r50_5scale_12ep "${DETA_MODEL[@]}" --assign_first_stage --assign_second_stage \
     --epochs 12 --lr_drop 10 "$@"

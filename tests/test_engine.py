@@ -67,9 +67,9 @@ def test_amp_runs_the_model_in_bf16_and_the_loss_in_fp32(tiny_args: argparse.Nam
     model.class_embed[0].register_forward_hook(lambda module, inputs, output: dtypes.append(output.dtype))
     forward = criterion.forward
 
-    def recording_forward(outputs: dict, targets: list) -> dict:
+    def recording_forward(outputs: dict, targets: list, num_boxes: float | None = None) -> dict:
         dtypes.append(outputs["pred_logits"].dtype)
-        return forward(outputs, targets)
+        return forward(outputs, targets, num_boxes)
 
     criterion.forward = recording_forward
     images = build_dataset("val", tiny_args)
@@ -112,7 +112,7 @@ class _Poisoned(nn.Module):
         super().__init__()
         self.weight_dict = {"loss_ce": 1.0, "loss_bbox": 5.0}
 
-    def forward(self, outputs: dict, targets: list) -> dict[str, torch.Tensor]:
+    def forward(self, outputs: dict, targets: list, num_boxes: float | None = None) -> dict[str, torch.Tensor]:
         return {"loss_ce": outputs["pred"].sum(), "loss_bbox": outputs["pred"].sum() * math.nan}
 
 
@@ -124,7 +124,8 @@ class _Linear(nn.Linear):
 def test_non_finite_loss_stops_before_the_step() -> None:
     model = _Linear(3, 1)
     before = [p.detach().clone() for p in model.parameters()]
-    loader = DataLoader([(torch.ones(3, 1, 1), {})] * 4, batch_size=2, collate_fn=collate_fn)
+    one_box = {"labels": torch.zeros(1, dtype=torch.int64)}  # counted for the loss normaliser
+    loader = DataLoader([(torch.ones(3, 1, 1), one_box)] * 4, batch_size=2, collate_fn=collate_fn)
     with pytest.raises(NonFiniteLossError, match=r"at epoch 3, iteration 0/2 \(loss_bbox=nan\)"):
         train_one_epoch(model, _Poisoned(), loader, torch.optim.AdamW(model.parameters()), CPU, epoch=3)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))

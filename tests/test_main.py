@@ -147,7 +147,8 @@ def test_resume_applies_a_new_schedule_and_says_so(data_flags: list[str], one_ep
 @pytest.fixture(scope="module")
 def r50_run(data_flags: list[str], tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(COCO root, checkpoint) of the COCO recipe's acceptance run on a tiny COCO root (tiny model flags override
-    the recipe's)."""
+    the recipe's), with
+    2 micro-batches per step (ACCUMULATE)."""
     tmp_path = tmp_path_factory.mktemp("r50")
     paths = dict(flag.lstrip("-").split("=", 1) for flag in data_flags)
     coco = tmp_path / "coco"
@@ -155,11 +156,14 @@ def r50_run(data_flags: list[str], tmp_path_factory: pytest.TempPathFactory) -> 
     for split in ("train", "val"):
         (coco / f"{split}2017").symlink_to(paths[f"{split}_images"])
         shutil.copy(paths[f"{split}_json"], coco / "annotations" / f"instances_{split}2017.json")
-    env = {**ENV, "GPUS": "1", "COCO_PATH": str(coco), "OUTPUT_DIR": str(tmp_path / "run"), "PYTHON": sys.executable,
+    env = {**ENV, "GPUS": "1", "ACCUMULATE": "2", "COCO_PATH": str(coco), "OUTPUT_DIR": str(tmp_path / "run"),
+           "PYTHON": sys.executable,
            "MASTER_PORT": str(_free_port())}
     trained = subprocess.run(["bash", str(REPO / "scripts" / "r50_5scale_12ep.sh"), *TINY, "--epochs", "1"],
                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert trained.returncode == 0, trained.stdout[-3000:] + trained.stderr[-3000:]
+    assert "effective batch: 1 process(es) × --batch_size 2 × --accumulate 2 = 4 images per optimizer step" \
+        in trained.stdout
     return coco, tmp_path / "run" / "checkpoint.pth"
 
 
@@ -181,6 +185,7 @@ def test_r50_recipe_trains_padded_batches_and_evaluates_alike_at_any_batch_size(
     checkpoint = torch.load(r50_run[1], weights_only=True)
     assert checkpoint["args"]["train_batching"] == "padded" and checkpoint["args"]["eval_batching"] == "per_image"
     assert checkpoint["args"]["num_queries"] == 20 and checkpoint["args"]["dim_feedforward"] == 64
+    assert checkpoint["args"]["accumulate"] == 2 and len(checkpoint["rng_states"]) == 2
     assert r50_stats[0]["AP"] > 0
     assert r50_stats[0] == pytest.approx(r50_stats[1], abs=1e-9)
 
@@ -328,8 +333,8 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(data_flags: list[str], one
         model, criterion, postprocessors = build_model(args)
         calls, forward = [], criterion.forward
 
-        def poisoned(outputs: dict, targets: list) -> dict:
-            losses = forward(outputs, targets)
+        def poisoned(outputs: dict, targets: list, num_boxes: float | None = None) -> dict:
+            losses = forward(outputs, targets, num_boxes)
             calls.append(None)
             if len(calls) == 2:  # the first step has changed the weights in memory
                 losses["loss_giou"] = losses["loss_giou"] * float("nan")

@@ -31,6 +31,8 @@ def validate_args(args: argparse.Namespace) -> None:
     for name in NON_NEGATIVE_FLOATS:
         value = getattr(args, name)
         _require(args, name, math.isfinite(value) and value >= 0, "must be a finite number, 0 or more")
+    if args.accumulate is not None:
+        _require(args, "accumulate", args.accumulate >= 1, "must be 1 or more (micro-batches per optimizer step)")
     validate_model_args(args)
     if not args.resume and args.start_epoch >= args.epochs:
         raise InputError(f"--start_epoch {args.start_epoch} leaves nothing to train with --epochs {args.epochs}; "
