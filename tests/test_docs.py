@@ -163,8 +163,10 @@ def problems(command: list[str], helps: dict[str, str]) -> list[str]:
             cut = arguments.index("--")
             own, passed_on = arguments[:cut], arguments[cut + 1:]
     main_flags = help_flags(helps["main.py"])
-    unknown = [f for f in flags(own) if f not in own_flags] + [f for f in flags(passed_on) if f not in main_flags]
-    return [f"{script}: no flag {flag} in its --help ({shlex.join(command)})" for flag in unknown]
+    unknown = [f"{script}: no flag {flag} in its --help" for flag in flags(own) if flag not in own_flags]
+    unknown += [f"{script}: no flag {flag} in main.py --help, which receives it" for flag in flags(passed_on)
+                if flag not in main_flags]
+    return [f"{problem} ({shlex.join(command)})" for problem in unknown]
 
 
 def needed_helps(all_commands: list[list[str]]) -> set[str]:
@@ -216,8 +218,8 @@ python scripts/no_such_script.py --help
     found = [problem for command in commands(page) for problem in problems(command, helps)]
     assert [problem.split(" (")[0] for problem in found] == [
         "main.py: no flag --resum in its --help",
-        "scripts/r50_5scale_12ep.sh: no flag --no_such_flag in its --help",
-        "scripts/predict.py: no flag --eval_siz in its --help",
+        "scripts/r50_5scale_12ep.sh: no flag --no_such_flag in main.py --help, which receives it",
+        "scripts/predict.py: no flag --eval_siz in main.py --help, which receives it",
         "scripts/no_such_script.py: no such script",
     ]
 
