@@ -224,6 +224,12 @@ python scripts/no_such_script.py --help
     ]
 
 
+@pytest.mark.parametrize("page", PAGES, ids=lambda page: page.name)
+def test_python_examples_parse(page: Path) -> None:
+    for block in re.findall(r"^```python[ \t]*\n(.*?)^```", page.read_text(), flags=re.MULTILINE | re.DOTALL):
+        compile(block, f"{page.name}, python block", "exec")
+
+
 def test_readme_is_short_and_links_every_docs_page() -> None:
     text = README.read_text()
     assert len(text.encode()) <= README_MAX_BYTES, f"README.md: {len(text.encode())} bytes, at most {README_MAX_BYTES}"
