@@ -26,7 +26,7 @@ LAUNCHERS = {"torchrun", "sbatch", "srun", "bash", "sh", "timeout", "env"}  # ru
 # Programs of other projects that the pages call; their flags are not checked here.
 OTHER_PROGRAMS = {"pip", "huggingface-cli", "grep", "git", "cd", "export", "mkdir", "ls", "cat", "wc", "tensorboard",
                   "nvidia-smi", "compute-sanitizer", "lint-imports", "ruff", "pytest"}
-HANDS_ON = "main.py flags after '--'"  # what a Python script's --help says when it passes those on to main.py
+HANDS_ON = "after '--'"  # in a Python script's --help: it hands the flags after '--' on to main.py
 SEPARATORS = {"|", "||", "&&", ";", "&"}
 REDIRECTS = {">", ">>", "<"}
 # Runs `SCRIPT --help` for each argument as the shell would run the script, and prints the texts as JSON.
