@@ -24,8 +24,9 @@ README_MAX_BYTES = 8000  # what `wc -c` counts
 PYTHONS = {"python", "python3", ".venv/bin/python"}
 LAUNCHERS = {"torchrun", "sbatch", "srun", "bash", "sh", "timeout", "env"}  # run the script named after their options
 # Programs of other projects that the pages call; their flags are not checked here.
-OTHER_PROGRAMS = {"pip", "huggingface-cli", "grep", "git", "cd", "export", "mkdir", "ls", "cat", "wc", "tensorboard",
-                  "nvidia-smi", "compute-sanitizer", "lint-imports", "ruff", "pytest"}
+OTHER_PROGRAMS = {"pip", "pip3", "huggingface-cli", "hf", "git", "cd", "export", "mkdir", "ls", "cat", "head", "tail",
+                  "grep", "wc", "echo", "cp", "mv", "rm", "tar", "unzip", "wget", "curl", "sha256sum", "du", "df",
+                  "tensorboard", "nvidia-smi", "nvcc", "compute-sanitizer", "lint-imports", "ruff", "pytest", "scancel"}
 HANDS_ON = "after '--'"  # in a Python script's --help: it hands the flags after '--' on to main.py
 SEPARATORS = {"|", "||", "&&", ";", "&"}
 REDIRECTS = {">", ">>", "<"}
@@ -93,6 +94,8 @@ def target(command: list[str]) -> tuple[str | None, list[str]]:
     (None, []) for a program of another project. Raises ValueError for a command that names neither."""
     program = command[0]
     if program in OTHER_PROGRAMS:
+        return None, []
+    if program in PYTHONS and command[1:2] == ["-c"]:
         return None, []
     if program in PYTHONS and command[1:2] == ["-m"]:
         module = command[2]
