@@ -27,8 +27,8 @@ from xml.parsers import expat
 
 import yaml
 
-from datasets.images import header, turned_size
 from deta.errors import InputError
+from deta.images import header, turned_size
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 DIFFICULT = ("crowd", "keep", "drop")

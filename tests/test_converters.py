@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from datasets.coco import load_coco
-from datasets.images import follows_exif, header
+from deta.images import follows_exif, header
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import convert_dataset
