@@ -12,10 +12,10 @@ from pycocotools.coco import COCO
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
-from torch.utils.tensorboard import SummaryWriter
 
 from deta.checkpoint import save_text_atomically
 from training.accumulation import VirtualRanks, effective_num_boxes
+from training.board import Board
 from training.coco_eval import coco_box_stats, coco_detections, gather_detections
 from training.distributed import is_main_process, reduce_mean
 from training.ema import ModelEMA
@@ -35,7 +35,7 @@ class NonFiniteLossError(RuntimeError):
 def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: DataLoader,
                     optimizer: torch.optim.Optimizer, device: torch.device, epoch: int, *,
                     max_norm: float = 0.0, amp: bool = False, print_freq: int = 10,
-                    writer: SummaryWriter | None = None, ema: ModelEMA | None = None) -> dict[str, float]:
+                    board: Board | None = None, ema: ModelEMA | None = None) -> dict[str, float]:
     """Train for one pass over `data_loader`; returns the epoch means of the weighted losses, lr and grad norm.
     `ema`, if given, is updated after every optimizer step.
 
@@ -80,10 +80,8 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: DataLoa
 
         values = {"loss": total, **logged, "grad_norm": grad_norm.item(), "lr": optimizer.param_groups[0]["lr"]}
         progress.update(**values)
-        if writer is not None and it % print_freq == 0:
-            step = epoch * len(data_loader) + it
-            for name, value in values.items():
-                writer.add_scalar(f"train/{name}", value, step)
+        if board is not None and it % print_freq == 0:
+            board.add_scalars("train", values, epoch * len(data_loader) + it)
     return progress.averages()
 
 

@@ -18,7 +18,6 @@ from typing import Any
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
-from torch.utils.tensorboard import SummaryWriter
 
 from datasets import DetectionLoader, build_dataset, resolve_num_classes
 from datasets.coco import category_names
@@ -30,6 +29,7 @@ from engine import NonFiniteLossError, evaluate, train_one_epoch
 from training.accumulation import VirtualRanks, effective_batch_line, resolve_accumulate
 from training.args_check import validate_args, validate_model_args
 from training.best_checkpoint import BestCheckpoint
+from training.board import Board
 from training.checkpointing import (
     fetch_checkpoint,
     remove_stale_temporaries,
@@ -260,13 +260,13 @@ def _run(args: argparse.Namespace, given: Collection[str] | None, last: LastChec
         weights = ema.module.state_dict() if which == "ema" else model.state_dict()
         return {"model": weights, "args": vars(args), "category_names": category_names(dataset_train.coco)}
 
-    with SummaryWriter(output_dir) if rank == 0 else contextlib.nullcontext() as writer:
+    with Board(output_dir) if rank == 0 else contextlib.nullcontext() as board:
         if evaluate_first:
             log.info(f"--resume: epoch {checkpoint['epoch']} has a checkpoint but no line in "
                      f"{output_dir / LOG_NAME} (the run stopped during its evaluation); evaluating it first")
             last.evaluated = False
             test_stats = run_evaluation()
-            _log_epoch(output_dir, writer, checkpoint["epoch"], checkpoint.get("train_stats", {}), test_stats)
+            _log_epoch(output_dir, board, checkpoint["epoch"], checkpoint.get("train_stats", {}), test_stats)
             best.update(checkpoint["epoch"], test_stats, best_weights)
             last.evaluated = True
             if args.start_epoch == args.epochs:
@@ -278,7 +278,7 @@ def _run(args: argparse.Namespace, given: Collection[str] | None, last: LastChec
             virtual_ranks.set_epoch(epoch)
             train_stats = train_one_epoch(train_model, criterion, virtual_ranks, optimizer, device, epoch,
                                           max_norm=args.clip_max_norm, amp=args.amp, print_freq=args.print_freq,
-                                          writer=writer, ema=ema)
+                                          board=board, ema=ema)
             lr_scheduler.step()
             # every virtual rank's, in order, for an exact resume on any processes x --accumulate of that count
             rng_states = [state for states in all_gather_object(virtual_ranks.rng_states()) for state in states]
@@ -290,7 +290,7 @@ def _run(args: argparse.Namespace, given: Collection[str] | None, last: LastChec
                                   output_dir, epoch, args.lr_drop)
             last.path, last.epoch, last.evaluated = output_dir / "checkpoint.pth", epoch, False
             test_stats = run_evaluation()
-            _log_epoch(output_dir, writer, epoch, train_stats, test_stats)
+            _log_epoch(output_dir, board, epoch, train_stats, test_stats)
             best.update(epoch, test_stats, best_weights)
             last.evaluated = True
             if all_gather_object(best.should_stop)[0]:  # the main process's decision: it holds the metrics
@@ -465,16 +465,14 @@ def _apply_schedule_flags(optimizer: torch.optim.Optimizer, lr_scheduler: torch.
              f"{drops} drop(s) the learning rates are now {lr_scheduler._last_lr}")
 
 
-def _log_epoch(output_dir: Path, writer: SummaryWriter | None, epoch: int, train_stats: dict[str, float],
+def _log_epoch(output_dir: Path, board: Board | None, epoch: int, train_stats: dict[str, float],
                test_stats: dict[str, float]) -> None:
-    """The epoch's line in log.txt, and its test metrics in TensorBoard (by the main process, `writer` given).
+    """The epoch's line in log.txt, and its test metrics in TensorBoard (by the main process, `board` given).
     Every process calls this."""
     write_on_main_process(log_epoch, output_dir, epoch, train_stats, test_stats)
-    if writer is None:
-        return
-    for name, value in test_stats.items():
-        writer.add_scalar(f"test/{name}", value, epoch)
-    writer.flush()
+    if board is not None:
+        board.add_scalars("test", test_stats, epoch)
+        board.flush()
 
 
 if __name__ == "__main__":

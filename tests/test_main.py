@@ -14,10 +14,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from full_disk import fill_the_disk_under
 from local_http import Routes, serve
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import main as main_module
+import training.board as board_module
 from datasets.loading import DetectionLoader
 from datasets.synthetic import generate
 from deta import build_model
@@ -567,6 +569,25 @@ def test_a_full_disk_is_one_line_naming_the_last_good_checkpoint_and_the_resume(
     assert (tmp_path / "log.txt").read_bytes() == before[tmp_path / "log.txt"]
     assert (checkpoint.read_bytes() == before[checkpoint]) == (name == "checkpoint.pth")
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_tensorboard_on_a_full_disk_is_one_warning_and_training_goes_on(
+        data_flags: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture) -> None:
+    """The event file fills up at the first training step (its thread's traceback and the OSError that every
+    later write raises are TensorBoard's way of saying so); the epoch, its checkpoint and log.txt carry on."""
+    class FullAfterOpening(board_module.SummaryWriter):
+        def __init__(self, folder: Path) -> None:
+            super().__init__(folder)
+            fill_the_disk_under(Path(folder))
+
+    monkeypatch.setattr(board_module, "SummaryWriter", FullAfterOpening)
+    run_main(*TINY, *data_flags, "--epochs", "1", "--output_dir", str(tmp_path))
+    out, err = capfd.readouterr()
+    assert "Traceback" not in err and "Exception in thread" not in err
+    (warning,) = [line for line in out.splitlines() if line.startswith("warning:")]
+    assert warning.startswith(f"warning: no space left to write events.out.tfevents in {tmp_path} (")
+    assert torch.load(tmp_path / "checkpoint.pth", weights_only=True)["epoch"] == 0
+    assert [json.loads(line)["epoch"] for line in (tmp_path / "log.txt").read_text().splitlines()] == [0]
 
 
 def test_a_full_disk_under_eval_is_one_line_with_the_command_to_run_again(
