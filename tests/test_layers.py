@@ -5,10 +5,15 @@ pyproject.toml sees main and engine as imported names: it catches a lower layer 
 imports. This reads those with `ast`, against the same layer order.
 """
 import ast
-import tomllib
+import sys
 from pathlib import Path
 
 import pytest
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # import-linter brings tomli on Python 3.10
+    import tomli as tomllib
 
 REPO = Path(__file__).resolve().parents[1]
 (CONTRACT,) = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"]
