@@ -5,7 +5,7 @@
 
 Each revision is checked out into a temporary git worktree (WORKTREE is this checkout as it stands,
 uncommitted changes included) and runs its own `scripts/benchmark.py --latency_only --no_hf` there, with this
-interpreter and a kernel build folder of its own; flags after '--' go to benchmark.py. The runs go A B, B A,
+interpreter and a kernel build folder of its own, with the flags given after '--'. The runs go A B, B A,
 A B, ... so that a drift of a shared machine's speed weighs on both alike. Each run prints its median latency,
 its share of the machine's matmul floor (as that revision's benchmark.py measures it) and the matmul rate;
 the last line gives each revision's median over its runs and their ratio.
@@ -57,7 +57,9 @@ def main() -> None:
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], usage="%(prog)s BEFORE AFTER "
-                                     "[--rounds N] [-- BENCHMARK_FLAGS...]")
+                                     "[--rounds N] [-- BENCHMARK_FLAGS...]",
+                                     epilog="flags after '--' go to scripts/benchmark.py (e.g. --amp, "
+                                     "--latency_calls N, --tiny)")
     parser.add_argument("before", help=f"a commit, branch or tag, or {WORKTREE} for this checkout as it stands")
     parser.add_argument("after", help="the same; the ratio is after / before")
     parser.add_argument("--rounds", type=int, default=3, help="runs of each revision (default: 3)")

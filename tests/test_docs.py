@@ -27,7 +27,8 @@ LAUNCHERS = {"torchrun", "sbatch", "srun", "bash", "sh", "timeout", "env"}  # ru
 OTHER_PROGRAMS = {"pip", "pip3", "huggingface-cli", "hf", "git", "cd", "export", "mkdir", "ls", "cat", "head", "tail",
                   "grep", "wc", "echo", "cp", "mv", "rm", "tar", "unzip", "wget", "curl", "sha256sum", "du", "df",
                   "tensorboard", "nvidia-smi", "nvcc", "compute-sanitizer", "lint-imports", "ruff", "pytest", "scancel"}
-HANDS_ON = "after '--'"  # in a Python script's --help: it hands the flags after '--' on to main.py
+HANDS_ON = "after '--'"  # in a Python script's --help: it hands the flags after '--' on to main.py, or to
+HANDED_TO = re.compile(r"flags after '--' go to (\S+\.py)")  # the script that this names
 SEPARATORS = {"|", "||", "&&", ";", "&"}
 REDIRECTS = {">", ">>", "<"}
 # Runs `SCRIPT --help` for each argument as the shell would run the script, and prints the texts as JSON.
@@ -160,16 +161,23 @@ def problems(command: list[str], helps: dict[str, str]) -> list[str]:
             return []
         # A shell script that hands nothing on takes no flags.
         own, own_flags, passed_on = ([], set(), arguments) if where == "main.py" else (arguments, set(), [])
+        receiver = "main.py"
     else:
         own, own_flags, passed_on = arguments, help_flags(helps[script]), []
-        if HANDS_ON in helps[script] and "--" in arguments:
+        receiver = hands_on_to(helps[script])
+        if receiver and "--" in arguments:
             cut = arguments.index("--")
             own, passed_on = arguments[:cut], arguments[cut + 1:]
-    main_flags = help_flags(helps["main.py"])
     unknown = [f"{script}: no flag {flag} in its --help" for flag in flags(own) if flag not in own_flags]
-    unknown += [f"{script}: no flag {flag} in main.py --help, which receives it" for flag in flags(passed_on)
-                if flag not in main_flags]
+    unknown += [f"{script}: no flag {flag} in {receiver} --help, which receives it" for flag in flags(passed_on)
+                if flag not in help_flags(helps[receiver])]
     return [f"{problem} ({shlex.join(command)})" for problem in unknown]
+
+
+def hands_on_to(help_text: str) -> str | None:
+    """The script that receives a Python script's flags after '--', as its --help says, if it hands them on."""
+    named = HANDED_TO.search(help_text)
+    return named.group(1) if named else "main.py" if HANDS_ON in help_text else None
 
 
 def needed_helps(all_commands: list[list[str]]) -> set[str]:
@@ -185,6 +193,7 @@ def needed_helps(all_commands: list[list[str]]) -> set[str]:
                 break
             if not script.endswith(".sh"):
                 needed.add(script)
+                needed.update(HANDED_TO.findall(script_file(script).read_text()))  # as its --help will say
                 break
             command = arguments if shell_hands_on(script_file(script)) == "command" else []
     return needed
