@@ -247,3 +247,48 @@ def test_readme_is_short_and_links_every_docs_page() -> None:
     assert len(text.encode()) <= README_MAX_BYTES, f"README.md: {len(text.encode())} bytes, at most {README_MAX_BYTES}"
     unlinked = [page.name for page in PAGES[1:] if f"](docs/{page.name}" not in text]
     assert not unlinked, f"README.md links no docs/{unlinked}"
+
+
+def heading_anchors(text: str) -> set[str]:
+    """The anchors GitHub gives the page's headings: lower case, punctuation dropped, spaces as hyphens, a
+    repeated one numbered."""
+    prose = re.sub(r"^```.*?^```", "", text, flags=re.MULTILINE | re.DOTALL)
+    anchors: set[str] = set()
+    for title in re.findall(r"^#{1,6} +(.+?) *#* *$", prose, flags=re.MULTILINE):
+        slug = re.sub(r"[^\w\- ]", "", title.strip().lower()).replace(" ", "-")
+        anchor, n = slug, 0
+        while anchor in anchors:
+            n += 1
+            anchor = f"{slug}-{n}"
+        anchors.add(anchor)
+    return anchors
+
+
+def broken_links(page: Path, text: str) -> list[str]:
+    """Links of `text` (on `page`) to files of this repository that do not exist, or to headings that the
+    linked page does not have."""
+    broken = []
+    prose = re.sub(r"^```.*?^```", "", text, flags=re.MULTILINE | re.DOTALL)
+    for link in re.findall(r"\]\(([^)\s]+)\)", prose):
+        if re.match(r"^[a-z]+:", link):  # https:, mailto:
+            continue
+        path, _, anchor = link.partition("#")
+        linked = (page.parent / path).resolve() if path else page
+        if not linked.exists():
+            broken.append(f"{link}: no such file")
+        elif anchor and linked.suffix == ".md" and anchor not in heading_anchors(linked.read_text()):
+            broken.append(f"{link}: no such heading in {linked.name}")
+    return broken
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda page: page.name)
+def test_links_lead_to_files_and_headings_that_exist(page: Path) -> None:
+    broken = broken_links(page, page.read_text())
+    assert not broken, f"{page.relative_to(REPO)}:\n" + "\n".join(broken)
+
+
+def test_the_link_check_catches_a_missing_file_and_heading() -> None:
+    page = REPO / "docs" / "TRAINING.md"
+    text = "[a](BENCHMARKS.md#no-such-heading) [b](NO_SUCH.md) [c](#resuming) [d](../README.md#status) [e](https://x.org)"
+    assert broken_links(page, text) == ["BENCHMARKS.md#no-such-heading: no such heading in BENCHMARKS.md",
+                                        "NO_SUCH.md: no such file"]
